@@ -1,0 +1,640 @@
+#!/usr/bin/env python3
+"""Container entrypoint around Google's localllm (`llm run` / `llm pull`).
+
+`llm run` starts llama-cpp-python's server and returns as soon as the port is
+open, leaving the server orphaned with its output going into a pipe nobody
+reads (see docs/ and the localllm contract). This program stays in the
+foreground instead: it reads model.env, validates every setting before
+anything heavy starts, picks CPU-appropriate defaults, chooses the GGUF file,
+runs `llm run`, adopts the server, forwards stop signals to the whole process
+tree and exits non-zero when the server dies, so the platform restarts it.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+HERE = Path(__file__).resolve().parent
+MODEL_ENV_DEFAULT = HERE / "model.env"
+READY_LINE = "Uvicorn running on"
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class UserError(Exception):
+    """A configuration mistake: reported as one line with exit status 2."""
+
+
+# --------------------------------------------------------------- settings ---
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str  # "" means: no default (required) or automatic, see `auto`
+    help: str
+    auto: bool = False  # empty value is filled in automatically at serve time
+    required: bool = False
+
+
+# The image's own settings. Anything else in model.env must be a setting of
+# llama-cpp-python's server (read by the server from the environment) or a
+# Hugging Face hub variable (HF_*).
+SETTINGS = {s.name: s for s in (
+    Setting("MODEL", "", "Hugging Face repo id (ORG/NAME) of the GGUF model", required=True),
+    Setting("MODEL_FILE", "", "exact file in the repo; empty = choose by MODEL_QUANT"),
+    Setting("MODEL_QUANT", "Q4_K_M", "quantisation to pick when MODEL_FILE is empty"),
+    Setting("MODEL_ALIAS", "", "model id shown by /v1/models; empty = repo name", auto=True),
+    Setting("N_CTX", "4096", "context length in tokens"),
+    Setting("N_THREADS", "", "generation threads; empty = CPUs this container may use", auto=True),
+    Setting("N_THREADS_BATCH", "", "prompt threads; empty = same as N_THREADS", auto=True),
+    Setting("CHAT_FORMAT", "", "llama-cpp-python chat format; empty = from the GGUF", auto=True),
+    Setting("PORT", "8000", "port the server listens on"),
+    Setting("STOP_TIMEOUT", "10", "seconds to wait for the server to stop before SIGKILL"),
+)}
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    """Read plain KEY=VALUE lines, the same format `docker run --env-file` takes."""
+    values: dict[str, str] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UserError(f"MODEL_ENV_FILE={path}: cannot read it ({exc.strerror})") from None
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise UserError(f"{path.name} line {number}: expected KEY=VALUE, got {raw!r}")
+        values[key] = value
+    return values
+
+
+@dataclass
+class Config:
+    """Effective settings: value and where it came from, per name. `extra` holds
+    the pass-through ones (server settings, HF_*) that go to the server as-is."""
+    values: dict[str, str]
+    sources: dict[str, str]
+    extra: list[str]
+
+    def __getitem__(self, name: str) -> str:
+        return self.values[name]
+
+
+def load_config(environ: dict[str, str], env_file: Path) -> Config:
+    """Merge process environment > model.env > built-in defaults, then validate."""
+    file_values = parse_env_file(env_file)
+    values, sources = {}, {}
+
+    def take(name: str, default: str | None) -> None:
+        if name in environ:
+            values[name], sources[name] = environ[name].strip(), "env"
+        elif name in file_values:
+            values[name], sources[name] = file_values[name].strip(), env_file.name
+        elif default is not None:
+            values[name], sources[name] = default, "default"
+
+    for name, setting in SETTINGS.items():
+        take(name, setting.default)
+    fields = server_settings()
+    for name in file_values:
+        if name not in SETTINGS and name not in fields and not name.startswith("HF_"):
+            raise UserError(f"{name} in {env_file.name} is not a setting of this image, of llama-cpp-python's "
+                            "server or of the Hugging Face hub (HF_*): check its spelling")
+    extra = sorted((set(file_values) | (set(fields) & set(environ))) - set(SETTINGS))
+    for name in extra:
+        take(name, None)
+    config = Config(values, sources, extra)
+    validate(config, fields)
+    return config
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _positive_int(config: Config, name: str, allow_empty: bool = False, upper: int | None = None) -> None:
+    value = config[name]
+    if allow_empty and value == "":
+        return
+    valid = f"a whole number from 1 to {upper}" if upper else "a whole number of at least 1"
+    if allow_empty:
+        valid += ", or empty for automatic"
+    if not value.isdigit() or not 1 <= int(value) <= (upper or math.inf):
+        raise UserError(f"{name}={value!r} is not valid: expected {valid}")
+
+
+def validate(config: Config, server_fields: dict) -> None:
+    """Check every setting cheaply, so mistakes surface before a model loads."""
+    model = config["MODEL"]
+    if not model:
+        raise UserError("MODEL is not set: set it in model.env or the environment "
+                        "to a Hugging Face repo id such as TheBloke/Mistral-7B-Instruct-v0.2-GGUF")
+    if not REPO_ID.fullmatch(model) or len(model) > 96:
+        raise UserError(f"MODEL={model!r} is not valid: expected a Hugging Face repo id ORG/NAME")
+    file = config["MODEL_FILE"]
+    if file and not file.lower().endswith(".gguf"):
+        raise UserError(f"MODEL_FILE={file!r} is not valid: expected a .gguf file name in {model}, or empty")
+    if not file and not re.fullmatch(r"[A-Za-z0-9_]+", config["MODEL_QUANT"]):
+        raise UserError(f"MODEL_QUANT={config['MODEL_QUANT']!r} is not valid: "
+                        "expected a quantisation name such as Q4_K_M, Q5_K_M or Q8_0")
+    _positive_int(config, "N_CTX")
+    _positive_int(config, "N_THREADS", allow_empty=True, upper=1024)
+    _positive_int(config, "N_THREADS_BATCH", allow_empty=True, upper=1024)
+    _positive_int(config, "PORT", upper=65535)
+    _positive_int(config, "STOP_TIMEOUT", upper=3600)
+    if config["CHAT_FORMAT"]:
+        formats = chat_formats()
+        if config["CHAT_FORMAT"] not in formats:
+            raise UserError(f"CHAT_FORMAT={config['CHAT_FORMAT']!r} is not valid: expected empty "
+                            f"(use the GGUF's template) or one of {', '.join(sorted(formats))}")
+    for name in config.extra:
+        if name in server_fields:
+            check_server_setting(name, config[name], server_fields[name])
+
+
+def chat_formats() -> set[str]:
+    """Names llama-cpp-python accepts for CHAT_FORMAT."""
+    from llama_cpp import llama_chat_format
+    return set(llama_chat_format.LlamaChatCompletionHandlerRegistry()._chat_handlers)
+
+
+def server_settings() -> dict:
+    """llama-cpp-python server settings by environment name (pydantic-settings, upper case)."""
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+    fields = {**ModelSettings.model_fields, **ServerSettings.model_fields}
+    own = {"MODEL"} | set(SETTINGS)  # ours are validated above; MODEL is set by localllm
+    return {name.upper(): field for name, field in fields.items() if name.upper() not in own}
+
+
+def check_server_setting(name: str, value: str, field) -> None:
+    """Validate one pass-through value the way the server will parse it."""
+    import pydantic
+    try:
+        parsed = json.loads(value) if value[:1] in "[{" else value
+        pydantic.TypeAdapter(field.annotation).validate_python(parsed)
+    except (ValueError, pydantic.ValidationError) as exc:
+        reason = exc.errors()[0]["msg"] if isinstance(exc, pydantic.ValidationError) else str(exc)
+        raise UserError(f"{name}={value!r} is not valid for llama-cpp-python's server: {reason}") from None
+
+
+def available_cpus(root: Path = Path("/")) -> tuple[int, str]:
+    """CPUs this container may really use: affinity mask and cgroup quota (v2 or v1)."""
+    limits = {"affinity": len(os.sched_getaffinity(0))}
+    cpu_max = root / "sys/fs/cgroup/cpu.max"
+    v1_quota, v1_period = root / "sys/fs/cgroup/cpu/cpu.cfs_quota_us", root / "sys/fs/cgroup/cpu/cpu.cfs_period_us"
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            limits["cgroup cpu.max"] = math.ceil(int(quota) / int(period))
+    except (OSError, ValueError):
+        try:
+            quota = int(v1_quota.read_text())
+            if quota > 0:
+                limits["cgroup cfs quota"] = math.ceil(quota / int(v1_period.read_text()))
+        except (OSError, ValueError):
+            pass
+    count = max(1, min(limits.values()))
+    return count, ", ".join(f"{k} {v}" for k, v in limits.items())
+
+
+def resolve_runtime(config: Config) -> None:
+    """Fill in the automatic values (threads, alias) and say why."""
+    if not config["N_THREADS"]:
+        count, why = available_cpus()
+        config.values["N_THREADS"], config.sources["N_THREADS"] = str(count), f"automatic: {why}"
+    if not config["N_THREADS_BATCH"]:
+        config.values["N_THREADS_BATCH"] = config["N_THREADS"]
+        config.sources["N_THREADS_BATCH"] = "automatic: same as N_THREADS"
+    if not config["MODEL_ALIAS"]:
+        config.values["MODEL_ALIAS"] = re.sub(r"(?i)-gguf$", "", config["MODEL"].split("/")[1])
+        config.sources["MODEL_ALIAS"] = "automatic: repo name"
+    if not config["CHAT_FORMAT"]:
+        config.sources["CHAT_FORMAT"] = "automatic: the GGUF's chat template"
+
+
+# ------------------------------------------------------------ file choice ---
+
+SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+QUANT_TOKEN = re.compile(r"(?i)(?:i?q\d[a-z0-9_]*|bf16|f16|f32)")
+
+
+def quant_of(filename: str) -> str | None:
+    """The quantisation named in a GGUF file name (`...Q4_K_M.gguf` -> `Q4_K_M`)."""
+    stem = SPLIT.sub("", Path(filename).name)
+    stem = re.sub(r"(?i)\.gguf$", "", stem)
+    for token in reversed(re.split(r"[-.]", stem)):
+        if QUANT_TOKEN.fullmatch(token):
+            return token.upper()
+    return None
+
+
+def split_parts(filename: str) -> list[str]:
+    """All parts of a split model (`-00001-of-00003.gguf`), or just the file."""
+    match = SPLIT.search(filename)
+    if not match:
+        return [filename]
+    total = match.group(2)
+    head = filename[:match.start()]
+    return [f"{head}-{i:05d}-of-{total}.gguf" for i in range(1, int(total) + 1)]
+
+
+def choose_files(config: Config, repo_files: list[str]) -> list[str]:
+    """The GGUF file(s) to serve: MODEL_FILE, or the one matching MODEL_QUANT."""
+    model, wanted = config["MODEL"], config["MODEL_FILE"]
+    ggufs = sorted(f for f in repo_files if f.lower().endswith(".gguf"))
+    if wanted:
+        parts = split_parts(wanted)
+        missing = [p for p in parts if p not in repo_files]
+        if missing:
+            raise UserError(f"MODEL_FILE={wanted!r} is not in {model}: "
+                            f"expected one of {', '.join(ggufs) or '(no .gguf files)'}")
+        return parts
+    quant = config["MODEL_QUANT"].upper()
+    by_quant: dict[str, list[str]] = {}
+    for f in ggufs:
+        q = quant_of(f)
+        if q:
+            by_quant.setdefault(q, []).append(f)
+    matches = [q for q in by_quant if q == quant] or [q for q in by_quant if q.startswith(quant + "_")]
+    available = ", ".join(sorted(by_quant)) or "none (no .gguf files with a quantisation in their name)"
+    if not matches:
+        raise UserError(f"MODEL_QUANT={config['MODEL_QUANT']!r} matches no .gguf file in {model}: "
+                        f"the repo has {available} (or set MODEL_FILE)")
+    files = by_quant[matches[0]] if len(matches) == 1 else []
+    first_parts = [f for f in files if not SPLIT.search(f) or SPLIT.search(f).group(1) == "00001"]
+    if len(matches) > 1 or len(first_parts) != 1:
+        candidates = ", ".join(files or sorted(f for q in matches for f in by_quant[q]))
+        raise UserError(f"MODEL_QUANT={config['MODEL_QUANT']!r} matches several files in {model} "
+                        f"({candidates}): the repo has {available}; set MODEL_FILE to choose one")
+    parts = split_parts(first_parts[0])
+    missing = [p for p in parts if p not in repo_files]
+    if missing:
+        raise UserError(f"MODEL_QUANT={config['MODEL_QUANT']!r}: split model in {model} lacks {', '.join(missing)}")
+    return parts
+
+
+# ------------------------------------------------------------- the cache ---
+
+def hub_cache() -> Path:
+    from huggingface_hub import constants
+    return Path(constants.HF_HUB_CACHE)
+
+
+def record_path() -> Path:
+    """Where the build records the resolved file(s), beside the hub cache."""
+    from huggingface_hub import constants
+    return Path(constants.HF_HOME) / "localllm-model.json"
+
+
+def repo_cache_dir(model: str) -> Path:
+    return hub_cache() / ("models--" + model.replace("/", "--"))
+
+
+def cached_files(model: str) -> list[str]:
+    """Files of MODEL present in the local hub cache (any snapshot)."""
+    found = set()
+    for snapshot in repo_cache_dir(model).glob("snapshots/*"):
+        found.update(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
+    return sorted(found)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def recorded_files(config: Config) -> list[str] | None:
+    """The build's choice, when the settings are the ones the image was built with."""
+    try:
+        record = json.loads(record_path().read_text())
+    except (OSError, ValueError):
+        return None
+    key = {k: config[k] for k in ("MODEL", "MODEL_FILE", "MODEL_QUANT")}
+    return record["files"] if record.get("settings") == key else None
+
+
+def list_repo(model: str) -> list[str]:
+    """List the repo's files on the hub, turning hub errors into one line."""
+    from huggingface_hub import constants, list_repo_files
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    try:
+        return list_repo_files(model)
+    except GatedRepoError:
+        raise UserError(f"MODEL={model} is gated: accept its terms on the hub and pass HF_TOKEN "
+                        "(a build secret, see docs)") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"MODEL={model} was not found at {constants.ENDPOINT} "
+                        "(check the repo id; private repos need HF_TOKEN)") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise UserError(f"MODEL={model}: cannot list the repo at {constants.ENDPOINT}: "
+                        f"{str(exc).splitlines()[0]}") from None
+
+
+def llm(*args: str) -> list[str]:
+    """localllm's command line (`llm` is the image's alias of `local-llm`)."""
+    return ["llm", *args]
+
+
+def pull_files(config: Config) -> list[str]:
+    """Choose the file(s) from the hub listing and pull each with `llm pull`."""
+    model = config["MODEL"]
+    files = choose_files(config, list_repo(model))
+    for name in files:
+        done = subprocess.run(llm("pull", model, "--filename", name), check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"error: `llm pull {model} --filename {name}` failed "
+                             f"with status {done.returncode}")
+    return files
+
+
+def files_to_serve(config: Config) -> list[str]:
+    """Find the model's file(s) without the network, or pull them if allowed."""
+    model = config["MODEL"]
+    files = recorded_files(config)
+    cached = cached_files(model)
+    if files and all(f in cached for f in files):
+        return files
+    if cached:
+        try:
+            return choose_files(config, cached)
+        except UserError:
+            if offline():
+                raise
+    if offline():
+        raise UserError(f"MODEL={model} is not in this image's model cache and HF_HUB_OFFLINE=1: "
+                        "rebuild the image with this MODEL (or run with HF_HUB_OFFLINE=0 to download it at start)")
+    click.echo(f"{model} is not in the image: downloading it now "
+               "(build without --build-arg PULL_MODEL=0 to bake it in)")
+    return pull_files(config)
+
+
+# ------------------------------------------------------- the server's log ---
+
+_handed_off = False
+
+
+class HandoffStreamHandler(logging.StreamHandler):
+    """Runs inside the server. Writes to stdout, the pipe `llm run` reads, up to
+    and including the ready line; then points the server's stdout and stderr at
+    the supervisor's log pipe, because nobody reads `llm run`'s pipe afterwards."""
+
+    def __init__(self, target: str):
+        super().__init__(sys.stdout)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        global _handed_off
+        super().emit(record)
+        if not _handed_off and READY_LINE in record.getMessage():
+            self.flush()
+            fd = os.open(self.target, os.O_WRONLY)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+            _handed_off = True
+
+
+def uvicorn_log_config(target: str) -> dict:
+    """uvicorn logging: start-up lines reach `llm run`, later lines reach us."""
+    handler = {"()": f"{Path(__file__).stem}.HandoffStreamHandler", "target": target}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "default": {"()": "uvicorn.logging.DefaultFormatter",
+                        "fmt": "%(asctime)s %(levelprefix)s %(message)s", "use_colors": False},
+            "access": {"()": "uvicorn.logging.AccessFormatter", "use_colors": False,
+                       "fmt": '%(asctime)s %(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'},
+        },
+        "handlers": {"default": {**handler, "formatter": "default"},
+                     "access": {**handler, "formatter": "access"}},
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+        },
+    }
+
+
+def start_log_relay() -> str:
+    """A pipe whose read end is copied to our stdout; the server opens the write
+    end through /proc, which works whatever our stdout is (pipe, file, socket)."""
+    read_fd, write_fd = os.pipe()
+
+    def relay() -> None:
+        while chunk := os.read(read_fd, 65536):
+            os.write(sys.stdout.fileno(), chunk)
+
+    threading.Thread(target=relay, daemon=True, name="server-log").start()
+    return f"/proc/{os.getpid()}/fd/{write_fd}"
+
+
+# ------------------------------------------------------------ supervision ---
+
+def descendants() -> list:
+    import psutil
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def signal_tree(sig: int, skip: set[int] | None = None) -> None:
+    """Send `sig` to every descendant (not only adopted ones), except pids in `skip`;
+    those signalled are added to `skip`, so a graceful stop is asked for once."""
+    import psutil
+    for proc in descendants():
+        if skip is not None and proc.pid in skip:
+            continue
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+        if skip is not None:
+            skip.add(proc.pid)
+
+
+def reap() -> list[tuple[int, int]]:
+    """Collect every exited child (we are a subreaper): [(pid, status)]."""
+    exited = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return exited
+        if pid == 0:
+            return exited
+        exited.append((pid, status))
+
+
+class Supervisor:
+    """Runs `llm run`, adopts the server it leaves behind, and stops the tree."""
+
+    def __init__(self, command: list[str], env: dict[str, str], stop_timeout: int):
+        self.command, self.env, self.stop_timeout = command, env, stop_timeout
+        self.stop_signal: int | None = None
+        self.terminated: set[int] = set()
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            signal_tree(signal.SIGTERM, self.terminated)
+
+    def run(self) -> int:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            click.echo("warning: cannot become a child subreaper; the server will not be adopted", err=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        starter = subprocess.Popen(self.command, env=self.env)
+        while (status := starter.poll()) is None and self.stop_signal is None:
+            time.sleep(0.05)
+        if self.stop_signal is not None:
+            return self.stop()
+        if status != 0:
+            click.echo(f"error: `llm run` failed with status {status} (see the lines above)", err=True)
+            signal_tree(signal.SIGKILL)
+            return 1
+        server = {p.pid for p in descendants()}
+        if not server:
+            click.echo("error: `llm run` returned but no server process is left to adopt", err=True)
+            return 1
+        while self.stop_signal is None:
+            for pid, status in reap():
+                if pid in server:
+                    code = os.waitstatus_to_exitcode(status)
+                    click.echo(f"error: the model server (pid {pid}) exited with status {code}", err=True)
+                    signal_tree(signal.SIGKILL)
+                    return 1
+            if not descendants():  # not adopted (no subreaper) and gone
+                click.echo("error: the model server is gone", err=True)
+                return 1
+            time.sleep(0.2)
+        return self.stop()
+
+    def stop(self) -> int:
+        """Forward the stop to the whole tree, SIGKILL what is left at the deadline."""
+        deadline = time.monotonic() + max(0.5, self.stop_timeout - 1.5)  # leave time to reap and exit
+        while descendants() and time.monotonic() < deadline:
+            signal_tree(signal.SIGTERM, self.terminated)  # a child may have started meanwhile
+            reap()
+            time.sleep(0.1)
+        if descendants():
+            click.echo(f"warning: server still running after {self.stop_timeout} s; killing it", err=True)
+            signal_tree(signal.SIGKILL)
+            time.sleep(0.2)
+        reap()
+        click.echo(f"stopped on {signal.Signals(self.stop_signal).name}")
+        return 0
+
+
+def server_env(config: Config, environ: dict[str, str]) -> dict[str, str]:
+    """The server's environment: the effective settings on top of ours (pydantic reads them)."""
+    env = dict(environ)
+    for name in ("N_CTX", "N_THREADS", "N_THREADS_BATCH", "MODEL_ALIAS", "CHAT_FORMAT"):
+        if config[name]:
+            env[name] = config[name]
+    env["HF_HUB_OFFLINE"] = "1"  # the file is local now; serving must not touch the network
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), environ.get("PYTHONPATH")]))
+    return env
+
+
+# ------------------------------------------------------------------- CLI ---
+
+def load() -> Config:
+    """Load the settings and export the pass-through ones, so that the hub client
+    (imported later) and localllm's children see model.env's HF_* and server lines."""
+    env_file = Path(os.environ.get("MODEL_ENV_FILE", MODEL_ENV_DEFAULT))
+    cfg = load_config(dict(os.environ), env_file)
+    for name in cfg.extra:
+        os.environ.setdefault(name, cfg[name])
+    return cfg
+
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Serve a GGUF model from the Hugging Face hub with localllm on port 8000."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve)
+
+
+@cli.command()
+def config() -> None:
+    """Print the effective settings and where each came from."""
+    cfg = load()
+    resolve_runtime(cfg)
+    for name in SETTINGS:
+        click.echo(f"{name}={cfg[name]}  # {cfg.sources[name]}")
+    for name in cfg.extra:
+        click.echo(f"{name}={cfg[name]}  # {cfg.sources[name]}, passed on")
+
+
+@cli.command()
+def pull() -> None:
+    """Download the model file(s) into the hub cache and record the choice (build time)."""
+    cfg = load()
+    files = pull_files(cfg)
+    record = {"settings": {k: cfg[k] for k in ("MODEL", "MODEL_FILE", "MODEL_QUANT")}, "files": files}
+    record_path().parent.mkdir(parents=True, exist_ok=True)
+    record_path().write_text(json.dumps(record, indent=2) + "\n")
+    click.echo(f"Recorded {cfg['MODEL']} -> {', '.join(files)} in {record_path()}")
+
+
+@cli.command()
+def serve() -> None:
+    """Run the model server on PORT and stay in the foreground (the default command)."""
+    cfg = load()
+    resolve_runtime(cfg)
+    files = files_to_serve(cfg)
+    log_target = start_log_relay()
+    log_config = Path(tempfile.mkdtemp(prefix="localllm-")) / "uvicorn-log.json"
+    log_config.write_text(json.dumps(uvicorn_log_config(log_target)))
+    command = llm("run", cfg["MODEL"], cfg["PORT"], "--host", "0.0.0.0", "--filename", files[0],
+                  "--verbose", "--log-config", str(log_config))
+    click.echo(f"Serving {cfg['MODEL']} ({files[0]}) as {cfg['MODEL_ALIAS']!r} on port {cfg['PORT']} "
+               f"with {cfg['N_THREADS']} threads, context {cfg['N_CTX']}")
+    env = server_env(cfg, dict(os.environ))
+    sys.stdout.flush()
+    sys.exit(Supervisor(command, env, int(cfg["STOP_TIMEOUT"])).run())
+
+
+@cli.command()
+def health() -> None:
+    """Exit 0 when the server answers /v1/models (the image's HEALTHCHECK). Light:
+    reads PORT only, so a check every few seconds costs next to nothing."""
+    import urllib.request
+    env_file = Path(os.environ.get("MODEL_ENV_FILE", MODEL_ENV_DEFAULT))
+    port = os.environ.get("PORT") or parse_env_file(env_file).get("PORT") or SETTINGS["PORT"].default
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=4) as reply:
+            click.echo(f"healthy: HTTP {reply.status}")
+    except OSError as exc:
+        click.echo(f"unhealthy: {exc}", err=True)
+        sys.exit(1)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
