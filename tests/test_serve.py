@@ -1,0 +1,147 @@
+"""End to end: `entrypoint.py serve` with the real llama-cpp-python server and model,
+called through real clients (the openai package, curl), stopped with real signals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import openai
+import pytest
+
+from conftest import ALIAS, processes_with_env
+
+
+def test_models_lists_the_alias(server):
+    reply = subprocess.run(["curl", "-sS", "--fail", server.url + "/v1/models"],
+                           capture_output=True, text=True, check=True)
+    assert [m["id"] for m in json.loads(reply.stdout)["data"]] == [ALIAS]
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_chat_completion_returns_text(server):
+    reply = client(server).chat.completions.create(
+        model=ALIAS, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=16, temperature=0)
+    choice = reply.choices[0]
+    assert choice.message.content.strip()
+    assert choice.finish_reason in {"stop", "length"}
+    assert 0 < reply.usage.completion_tokens <= 16
+
+
+def test_streamed_chat_delivers_chunks_and_ends_cleanly(server):
+    stream = client(server).chat.completions.create(
+        model=ALIAS, messages=[{"role": "user", "content": "Count to five."}], max_tokens=16, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 2 and text.strip()
+    assert chunks[-1].choices[0].finish_reason in {"stop", "length"}
+    # On the wire, the stream ends with the SSE terminator.
+    raw = subprocess.run(
+        ["curl", "-sS", "--fail", "-N", server.url + "/v1/chat/completions", "-H", "Content-Type: application/json",
+         "-d", json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True})],
+        capture_output=True, text=True, check=True, timeout=60)
+    assert raw.stdout.rstrip().endswith("data: [DONE]")
+
+
+def test_request_with_datasphere_headers_succeeds(server):
+    """node-api forwards x-node-id, x-folder-id and the caller's IAM token."""
+    reply = subprocess.run(
+        ["curl", "-sS", "--fail", server.url + "/v1/completions", "-H", "Content-Type: application/json",
+         "-H", "x-node-id: bt1nodeid", "-H", "x-folder-id: b1gfolderid", "-H", "Authorization: Bearer t1.iam-token",
+         "-d", json.dumps({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})],
+        capture_output=True, text=True, timeout=60)
+    assert reply.returncode == 0, reply.stderr
+    assert json.loads(reply.stdout)["choices"][0]["text"]
+
+
+def test_request_log_lines_reach_the_entrypoint_stdout(server):
+    """After `llm run` has returned, uvicorn's access lines still reach the container log."""
+    assert server.wait_for_line("Running ")  # `llm run` has returned
+    client(server).models.list()
+    server.wait_for_line('"GET /v1/models HTTP/1.1" 200')
+
+
+def wait_exit(entrypoint, timeout: float) -> tuple[int, float]:
+    started = time.monotonic()
+    code = entrypoint.proc.wait(timeout)
+    return code, time.monotonic() - started
+
+
+def test_sigterm_stops_with_status_0_and_leaves_nothing(start_server):
+    entrypoint = start_server()
+    entrypoint.wait_ready()
+    assert entrypoint.leftovers(), "expected the server among the entrypoint's processes"
+    entrypoint.proc.send_signal(signal.SIGTERM)
+    code, took = wait_exit(entrypoint, 10)
+    assert code == 0, entrypoint.output()
+    assert took < 10
+    assert entrypoint.leftovers() == []
+    entrypoint.wait_for_line("Finished server process")  # a graceful stop, not the SIGKILL fallback
+
+
+def test_sigterm_right_after_the_port_opens(start_server):
+    """The port opens before `llm run` returns: the stop must reach the whole tree."""
+    entrypoint = start_server()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert entrypoint.proc.poll() is None, entrypoint.output()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", entrypoint.port)) == 0:
+                break
+        time.sleep(0.005)
+    entrypoint.proc.send_signal(signal.SIGTERM)
+    code, took = wait_exit(entrypoint, 10)
+    assert code == 0, entrypoint.output()
+    assert entrypoint.leftovers() == []
+
+
+def test_server_death_makes_the_entrypoint_exit_nonzero(start_server):
+    entrypoint = start_server()
+    entrypoint.wait_ready()
+    servers = [pid for pid in entrypoint.leftovers()
+               if b"uvicorn" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    assert len(servers) == 1
+    os.kill(servers[0], signal.SIGKILL)
+    code, took = wait_exit(entrypoint, 5)
+    assert code != 0
+    assert "exited" in entrypoint.output()
+
+
+def test_run_time_environment_overrides_model_env(start_server):
+    entrypoint = start_server(MODEL_ALIAS="my-model", N_CTX="1024")
+    entrypoint.wait_ready()
+    models = client(entrypoint).models.list()
+    assert [m.id for m in models.data] == ["my-model"]
+    assert "context 1024" in entrypoint.output()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"MODEL": ""}, "error: MODEL is not set"),
+    ({"N_CTX": "abc"}, "error: N_CTX='abc' is not valid"),
+    ({"MODEL_QUANT": "Q5_K_M"}, "error: MODEL_QUANT='Q5_K_M' matches no .gguf file"),
+    ({"MODEL": "other-org/absent-GGUF"}, "error: MODEL=other-org/absent-GGUF is not in this image's model cache"),
+    ({"N_BATCH": "many"}, "error: N_BATCH='many' is not valid"),
+    ({"CHAT_FORMAT": "gemma-3"}, "error: CHAT_FORMAT='gemma-3' is not valid"),
+])
+def test_bad_settings_give_one_line_and_status_2(start_server, settings, message):
+    entrypoint = start_server(**settings)
+    code = entrypoint.proc.wait(30)
+    lines = entrypoint.output().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert processes_with_env(f"LOCALLLM_TEST_MARKER={entrypoint.marker}") == []
+
+
+def test_serving_needs_no_network(start_server, hub):
+    """The model was pulled at build time; start and requests never reach the hub."""
+    before = len(hub.requests)
+    entrypoint = start_server()
+    entrypoint.wait_ready()
+    client(entrypoint).completions.create(model=ALIAS, prompt="Hello", max_tokens=4)
+    assert len(hub.requests) == before
