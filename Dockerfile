@@ -1,0 +1,78 @@
+# syntax=docker/dockerfile:1
+# localllm on CPU behind an OpenAI-compatible API on port 8000.
+# Choose the model in model.env, then: docker build --platform linux/amd64 -t localllm .
+
+# Debian 12 (bookworm), dated tag: the same system libraries on every build.
+ARG BASE_IMAGE=docker.io/library/debian:bookworm-20251229-slim
+
+# ---- builder: compilers stay in this stage --------------------------------
+FROM ${BASE_IMAGE} AS builder
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential cmake git ca-certificates \
+        python3 python3-dev python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+# A CA bundle for pip behind a TLS-inspecting proxy: pass a path that a build
+# volume provides (see docs); nothing of it stays in the image.
+ARG PIP_CERT=
+COPY requirements/image.txt /tmp/requirements.txt
+# llama-cpp-python from source with GGML_NATIVE=OFF: the image must not die with
+# "illegal instruction" on a CPU older than the build machine's.
+RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
+    && python3 -m venv /opt/venv \
+    && CMAKE_ARGS="-DGGML_NATIVE=OFF" /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+
+# localllm is not on PyPI: installed from git at a fixed commit (the last one).
+# Tests pass a local stand-in here; keep the default for real images.
+ARG LOCALLLM="local-llm @ git+https://github.com/GoogleCloudPlatform/localllm.git@2939bd32fa6b54a134d759176c66ad2036e034f8#subdirectory=local-llm"
+RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
+    && /opt/venv/bin/pip install --no-cache-dir -c /tmp/requirements.txt "$LOCALLLM" \
+    && if /opt/venv/bin/pip show llm >/dev/null 2>&1; then echo "an unrelated 'llm' package is installed" >&2; exit 1; fi \
+    && ln -s local-llm /opt/venv/bin/llm
+
+# ---- runtime ----------------------------------------------------------------
+FROM ${BASE_IMAGE}
+LABEL org.opencontainers.image.title="localllm" \
+      org.opencontainers.image.description="A GGUF model served on CPU by Google's localllm (llama-cpp-python) behind an OpenAI-compatible API on port 8000" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="debian:bookworm-slim"
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 libgomp1 ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 1000 --create-home --shell /usr/sbin/nologin llm \
+    && mkdir -p /opt/models \
+    && chown llm:llm /opt/models
+COPY --from=builder /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    HF_HOME=/opt/models \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    PYTHONUNBUFFERED=1
+WORKDIR /app
+COPY entrypoint.py /app/
+# model.env after the heavy layers: editing it re-runs only the pull below.
+COPY model.env /app/
+USER llm
+
+# PULL_MODEL=0 builds a slim image that downloads the model at start.
+ARG PULL_MODEL=1
+# A hub mirror, or a local endpoint in tests.
+ARG HF_ENDPOINT=https://huggingface.co
+# A token for gated or private repos comes only as a build secret:
+#   docker build --secret id=hf_token,env=HF_TOKEN ...
+RUN --mount=type=secret,id=hf_token,uid=1000 \
+    case "$PULL_MODEL" in \
+      1) HF_TOKEN_PATH=/run/secrets/hf_token python /app/entrypoint.py pull ;; \
+      0) echo "PULL_MODEL=0: the model is downloaded when the container starts" ;; \
+      *) echo "PULL_MODEL=$PULL_MODEL is not valid: expected 1 (pull at build) or 0 (pull at start)" >&2; exit 2 ;; \
+    esac
+# With the model inside, serving never needs the network.
+ENV HF_HUB_OFFLINE=${PULL_MODEL}
+
+EXPOSE 8000
+# Passes only once the model is loaded and the server answers (no curl needed).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python", "/app/entrypoint.py", "health"]
+ENTRYPOINT ["python", "/app/entrypoint.py"]
+CMD ["serve"]
