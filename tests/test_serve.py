@@ -104,8 +104,9 @@ def test_sigterm_right_after_the_port_opens(start_server):
 def test_server_death_makes_the_entrypoint_exit_nonzero(start_server):
     entrypoint = start_server()
     entrypoint.wait_ready()
+    entrypoint.wait_for_line("Running ")  # `llm run` has returned: the server is adopted
     servers = [pid for pid in entrypoint.leftovers()
-               if b"uvicorn" in open(f"/proc/{pid}/cmdline", "rb").read()]
+               if b"llama_cpp.server.app" in open(f"/proc/{pid}/cmdline", "rb").read()]
     assert len(servers) == 1
     os.kill(servers[0], signal.SIGKILL)
     code, took = wait_exit(entrypoint, 5)

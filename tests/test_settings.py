@@ -1,0 +1,193 @@
+"""Unit tests of the entrypoint's settings: precedence, validation and file choice."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import entrypoint
+from entrypoint import UserError, choose_files, load_config, quant_of
+from conftest import clean_environ, run_entrypoint, write_model_env
+
+
+@pytest.fixture
+def env_file(tmp_path) -> Path:
+    return write_model_env(tmp_path / "model.env", MODEL="TheBloke/Foo-7B-GGUF", N_CTX="2048", N_BATCH="256")
+
+
+def test_environment_wins_over_model_env_over_defaults(env_file):
+    config = load_config({"N_CTX": "8192"}, env_file)
+    assert (config["N_CTX"], config.sources["N_CTX"]) == ("8192", "env")
+    config = load_config({}, env_file)
+    assert (config["N_CTX"], config.sources["N_CTX"]) == ("2048", "model.env")
+    assert (config["MODEL_QUANT"], config.sources["MODEL_QUANT"]) == ("Q4_K_M", "default")
+
+
+def test_server_settings_pass_through_with_the_same_precedence(env_file):
+    assert load_config({}, env_file)["N_BATCH"] == "256"
+    config = load_config({"N_BATCH": "1024", "USE_MLOCK": "false"}, env_file)
+    assert (config["N_BATCH"], config.sources["N_BATCH"]) == ("1024", "env")
+    assert config.extra == ["N_BATCH", "USE_MLOCK"]
+
+
+def test_an_empty_environment_value_still_wins(env_file):
+    """`docker run -e N_CTX=` sets the variable: it is taken, and then checked."""
+    with pytest.raises(UserError, match="N_CTX=''"):
+        load_config({"N_CTX": ""}, env_file)
+
+
+@pytest.mark.parametrize("lines, message", [
+    ("MODEL=a/b\nN_CTXX=4096\n", "N_CTXX in model.env is not a setting"),
+    ("MODEL=a/b\nexport N_CTX=1\n", "model.env line 2: expected KEY=VALUE"),
+    ("MODEL=a/b\njust words\n", "model.env line 2: expected KEY=VALUE"),
+])
+def test_model_env_mistakes_are_named(tmp_path, lines, message):
+    path = tmp_path / "model.env"
+    path.write_text(lines)
+    with pytest.raises(UserError, match=message):
+        load_config({}, path)
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"MODEL": ""}, "MODEL is not set"),
+    ({"MODEL": "no-slash"}, "MODEL='no-slash' is not valid: expected a Hugging Face repo id"),
+    ({"MODEL_FILE": "model.bin"}, "MODEL_FILE='model.bin' is not valid"),
+    ({"MODEL_QUANT": "Q4 K"}, "MODEL_QUANT='Q4 K' is not valid"),
+    ({"N_CTX": "abc"}, "N_CTX='abc' is not valid: expected a whole number of at least 1"),
+    ({"N_CTX": "0"}, "N_CTX='0' is not valid"),
+    ({"N_THREADS": "-2"}, "N_THREADS='-2' is not valid: .* or empty for automatic"),
+    ({"PORT": "70000"}, "PORT='70000' is not valid: expected a whole number from 1 to 65535"),
+    ({"CHAT_FORMAT": "nope"}, "CHAT_FORMAT='nope' is not valid: .*chatml.*gemma"),
+    ({"USE_MLOCK": "perhaps"}, "USE_MLOCK='perhaps' is not valid for llama-cpp-python's server"),
+])
+def test_bad_values_name_the_variable_and_what_is_valid(env_file, environ, message):
+    with pytest.raises(UserError, match=message):
+        load_config(environ, env_file)
+
+
+def test_automatic_values_say_why(env_file):
+    config = load_config({}, env_file)
+    entrypoint.resolve_runtime(config)
+    assert config["MODEL_ALIAS"] == "Foo-7B"
+    assert int(config["N_THREADS"]) >= 1 and config.sources["N_THREADS"].startswith("automatic: affinity")
+    assert config["N_THREADS_BATCH"] == config["N_THREADS"]
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "150000 100000"}, (2, "affinity 64, cgroup cpu.max 2")),
+    ({"cpu.max": "max 100000"}, (64, "affinity 64")),
+    ({"cpu/cpu.cfs_quota_us": "400000", "cpu/cpu.cfs_period_us": "100000"}, (4, "affinity 64, cgroup cfs quota 4")),
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, (64, "affinity 64")),
+    ({"cpu.max": "50000 100000"}, (1, "affinity 64, cgroup cpu.max 1")),
+])
+def test_available_cpus_follow_the_cgroup_quota(tmp_path, monkeypatch, files, expected):
+    monkeypatch.setattr(entrypoint.os, "sched_getaffinity", lambda pid: set(range(64)))
+    for name, text in files.items():
+        path = tmp_path / "sys/fs/cgroup" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    assert entrypoint.available_cpus(tmp_path) == expected
+
+
+@pytest.mark.parametrize("name, quant", [
+    ("mistral-7b-instruct-v0.2.Q4_K_M.gguf", "Q4_K_M"),
+    ("gemma-3-270m-q4_k_m.gguf", "Q4_K_M"),
+    ("model-q4_K.gguf", "Q4_K"),
+    ("Qwen2.5-7B-Instruct-Q5_K_M-00001-of-00002.gguf", "Q5_K_M"),
+    ("Phi-3-mini-4k-instruct-fp16.gguf", None),
+    ("model-IQ4_XS.gguf", "IQ4_XS"),
+    ("llama-3-8b-f16.gguf", "F16"),
+    ("README.md", None),
+])
+def test_quant_is_read_from_the_file_name(name, quant):
+    assert quant_of(name) == quant
+
+
+REPO_FILES = [
+    "README.md", "config.json",
+    "foo-7b.Q4_K_M.gguf", "foo-7b.Q4_K_S.gguf", "foo-7b.Q8_0.gguf",
+    "foo-7b.Q6_K-00001-of-00003.gguf", "foo-7b.Q6_K-00002-of-00003.gguf", "foo-7b.Q6_K-00003-of-00003.gguf",
+]
+
+
+def choose(files=REPO_FILES, **settings):
+    environ = {"MODEL": "TheBloke/Foo-7B-GGUF", "MODEL_FILE": "", "MODEL_QUANT": "Q4_K_M", **settings}
+    config = entrypoint.Config(environ, {}, [])
+    return choose_files(config, files)
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "q4_k_m", "Q4_k_M"])
+def test_quant_matches_case_insensitively(quant):
+    assert choose(MODEL_QUANT=quant) == ["foo-7b.Q4_K_M.gguf"]
+
+
+def test_split_models_pull_every_part():
+    assert choose(MODEL_QUANT="Q6_K") == [f"foo-7b.Q6_K-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert choose(MODEL_FILE="foo-7b.Q6_K-00001-of-00003.gguf")[1:] == [
+        "foo-7b.Q6_K-00002-of-00003.gguf", "foo-7b.Q6_K-00003-of-00003.gguf"]
+
+
+def test_missing_split_part_is_an_error():
+    with pytest.raises(UserError, match="lacks foo-7b.Q6_K-00003-of-00003.gguf"):
+        choose(REPO_FILES[:-1], MODEL_QUANT="Q6_K")
+
+
+def test_no_match_lists_the_quants_the_repo_has():
+    with pytest.raises(UserError, match=r"MODEL_QUANT='Q5_K_M' matches no .gguf file in TheBloke/Foo-7B-GGUF: "
+                                        r"the repo has Q4_K_M, Q4_K_S, Q6_K, Q8_0"):
+        choose(MODEL_QUANT="Q5_K_M")
+
+
+def test_several_matches_list_the_candidates():
+    with pytest.raises(UserError, match=r"MODEL_QUANT='Q4_K' matches several files .*foo-7b.Q4_K_M.gguf, "
+                                        r"foo-7b.Q4_K_S.gguf.*set MODEL_FILE"):
+        choose(MODEL_QUANT="Q4_K")
+
+
+def test_a_prefix_picks_the_only_family_member():
+    assert choose(MODEL_QUANT="Q8") == ["foo-7b.Q8_0.gguf"]
+
+
+def test_model_file_must_exist_in_the_repo():
+    assert choose(MODEL_FILE="foo-7b.Q8_0.gguf") == ["foo-7b.Q8_0.gguf"]
+    with pytest.raises(UserError, match="MODEL_FILE='foo-7b.Q2_K.gguf' is not in TheBloke/Foo-7B-GGUF"):
+        choose(MODEL_FILE="foo-7b.Q2_K.gguf")
+
+
+def test_config_prints_each_setting_with_its_source(tmp_path):
+    env_file = write_model_env(tmp_path / "model.env", MODEL="TheBloke/Foo-7B-GGUF", N_BATCH="256")
+    done = run_entrypoint("config", env=clean_environ(MODEL_ENV_FILE=str(env_file), N_CTX="8192"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "MODEL=TheBloke/Foo-7B-GGUF  # model.env" in lines
+    assert "N_CTX=8192  # env" in lines
+    assert "MODEL_QUANT=Q4_K_M  # default" in lines
+    assert "MODEL_ALIAS=Foo-7B  # automatic: repo name" in lines
+    assert "N_BATCH=256  # model.env, passed on" in lines
+    assert any(line.startswith("N_THREADS=") and "# automatic: affinity" in line for line in lines)
+
+
+def test_pull_lists_the_hubs_quants_when_none_matches(tmp_path, hub):
+    env_file = write_model_env(tmp_path / "model.env", MODEL="test-org/gemma-3-270m-GGUF", MODEL_QUANT="Q5_K_M")
+    done = run_entrypoint("pull", env=clean_environ(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub.url,
+                                                    MODEL_ENV_FILE=str(env_file)))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: MODEL_QUANT='Q5_K_M' matches no .gguf file in test-org/gemma-3-270m-GGUF: "
+        "the repo has Q4_K_M, Q4_K_S, Q8_0 (or set MODEL_FILE)"]
+
+
+def test_pull_of_an_unknown_repo_says_so(tmp_path, hub):
+    env_file = write_model_env(tmp_path / "model.env", MODEL="test-org/absent-GGUF")
+    done = run_entrypoint("pull", env=clean_environ(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub.url,
+                                                    MODEL_ENV_FILE=str(env_file)))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: MODEL=test-org/absent-GGUF was not found at {hub.url} "
+                                   "(check the repo id; private repos need HF_TOKEN)")
+
+
+def test_pull_records_the_choice_for_offline_serving(pulled_home):
+    record = (pulled_home / "localllm-model.json").read_text()
+    assert '"gemma-3-270m-Q4_K_M.gguf"' in record
+    snapshot = next((pulled_home / "hub/models--test-org--gemma-3-270m-GGUF/snapshots").iterdir())
+    assert [p.name for p in snapshot.iterdir()] == ["gemma-3-270m-Q4_K_M.gguf"]
