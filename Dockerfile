@@ -41,7 +41,7 @@ LABEL org.opencontainers.image.title="localllm" \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 libgomp1 ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --uid 1000 --create-home --shell /usr/sbin/nologin llm \
+    && useradd --uid 1000 --user-group --create-home --shell /usr/sbin/nologin llm \
     && mkdir -p /opt/models \
     && chown llm:llm /opt/models
 COPY --from=builder /opt/venv /opt/venv
@@ -53,7 +53,8 @@ WORKDIR /app
 COPY entrypoint.py /app/
 # model.env after the heavy layers: editing it re-runs only the pull below.
 COPY model.env /app/
-USER llm
+# Numeric, so Kubernetes runAsNonRoot can verify it: the user llm created above.
+USER 1000:1000
 
 # PULL_MODEL=0 builds a slim image that downloads the model at start.
 ARG PULL_MODEL=1
