@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -253,8 +254,9 @@ def split_parts(filename: str) -> list[str]:
     return [f"{head}-{i:05d}-of-{total}.gguf" for i in range(1, int(total) + 1)]
 
 
-def choose_files(config: Config, repo_files: list[str]) -> list[str]:
-    """The GGUF file(s) to serve: MODEL_FILE, or the one matching MODEL_QUANT."""
+def choose_files(config: Config, repo_files: list[str], where: str = "the repo") -> list[str]:
+    """The GGUF file(s) to serve: MODEL_FILE, or the one matching MODEL_QUANT.
+    `where` names the listing in messages (the repo on the hub, or the image's cache)."""
     model, wanted = config["MODEL"], config["MODEL_FILE"]
     ggufs = sorted(f for f in repo_files if f.lower().endswith(".gguf"))
     if wanted:
@@ -274,7 +276,7 @@ def choose_files(config: Config, repo_files: list[str]) -> list[str]:
     available = ", ".join(sorted(by_quant)) or "none (no .gguf files with a quantisation in their name)"
     if not matches:
         raise UserError(f"MODEL_QUANT={config['MODEL_QUANT']!r} matches no .gguf file in {model}: "
-                        f"the repo has {available} (or set MODEL_FILE)")
+                        f"{where} has {available} (or set MODEL_FILE)")
     files = by_quant[matches[0]] if len(matches) == 1 else []
     first_parts = [f for f in files if not SPLIT.search(f) or SPLIT.search(f).group(1) == "00001"]
     if len(matches) > 1 or len(first_parts) != 1:
@@ -323,14 +325,18 @@ def recorded_files(config: Config) -> list[str] | None:
         record = json.loads(record_path().read_text())
     except (OSError, ValueError):
         return None
-    key = {k: config[k] for k in ("MODEL", "MODEL_FILE", "MODEL_QUANT")}
-    return record["files"] if record.get("settings") == key else None
+    return record["files"] if record.get("settings") == record_key(config) else None
+
+
+def record_key(config: Config) -> dict[str, str]:
+    """The settings that decide which file is served (quant names ignore case)."""
+    return {"MODEL": config["MODEL"], "MODEL_FILE": config["MODEL_FILE"], "MODEL_QUANT": config["MODEL_QUANT"].upper()}
 
 
 def list_repo(model: str) -> list[str]:
     """List the repo's files on the hub, turning hub errors into one line."""
     from huggingface_hub import constants, list_repo_files
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     try:
         return list_repo_files(model)
     except GatedRepoError:
@@ -339,13 +345,16 @@ def list_repo(model: str) -> list[str]:
     except RepositoryNotFoundError:
         raise UserError(f"MODEL={model} was not found at {constants.ENDPOINT} "
                         "(check the repo id; private repos need HF_TOKEN)") from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise UserError(f"MODEL={model}: cannot list the repo at {constants.ENDPOINT}: "
-                        f"{str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # HTTP errors, and the HTTP client's own connection errors
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"MODEL={model}: cannot list the repo at {constants.ENDPOINT} "
+                        f"(HF_ENDPOINT): {reason}") from None
 
 
 def llm(*args: str) -> list[str]:
     """localllm's command line (`llm` is the image's alias of `local-llm`)."""
+    if not shutil.which("llm"):
+        raise SystemExit("error: localllm's `llm` command is not on PATH (the image installs it in /opt/venv/bin)")
     return ["llm", *args]
 
 
@@ -370,15 +379,16 @@ def files_to_serve(config: Config) -> list[str]:
         return files
     if cached:
         try:
-            return choose_files(config, cached)
+            return choose_files(config, cached, where="this image's model cache")
         except UserError:
             if offline():
                 raise
     if offline():
-        raise UserError(f"MODEL={model} is not in this image's model cache and HF_HUB_OFFLINE=1: "
+        raise UserError(f"MODEL={model} is not in this image's model cache and "
+                        f"HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']}: "
                         "rebuild the image with this MODEL (or run with HF_HUB_OFFLINE=0 to download it at start)")
-    click.echo(f"{model} is not in the image: downloading it now "
-               "(build without --build-arg PULL_MODEL=0 to bake it in)")
+    click.echo(f"{model} ({config['MODEL_FILE'] or config['MODEL_QUANT']}) is not in the image's "
+               "model cache: downloading it now (an image built with PULL_MODEL=1 holds it)")
     return pull_files(config)
 
 
@@ -534,12 +544,20 @@ class Supervisor:
             reap()
             time.sleep(0.1)
         if descendants():
-            click.echo(f"warning: server still running after {self.stop_timeout} s; killing it", err=True)
+            click.echo(f"warning: server still running {self.stop_timeout - 1.5:g} s after the stop signal; "
+                       "killing it", err=True)
             signal_tree(signal.SIGKILL)
             time.sleep(0.2)
         reap()
         click.echo(f"stopped on {signal.Signals(self.stop_signal).name}")
         return 0
+
+
+def stop_before_serving(signum, _frame) -> None:
+    """A stop while settings are read or a slim image downloads: nothing to hand over."""
+    click.echo(f"stopped on {signal.Signals(signum).name} before serving")
+    signal_tree(signal.SIGTERM)
+    sys.exit(0)
 
 
 def server_env(config: Config, environ: dict[str, str]) -> dict[str, str]:
@@ -589,7 +607,7 @@ def pull() -> None:
     """Download the model file(s) into the hub cache and record the choice (build time)."""
     cfg = load()
     files = pull_files(cfg)
-    record = {"settings": {k: cfg[k] for k in ("MODEL", "MODEL_FILE", "MODEL_QUANT")}, "files": files}
+    record = {"settings": record_key(cfg), "files": files}
     record_path().parent.mkdir(parents=True, exist_ok=True)
     record_path().write_text(json.dumps(record, indent=2) + "\n")
     click.echo(f"Recorded {cfg['MODEL']} -> {', '.join(files)} in {record_path()}")
@@ -598,6 +616,8 @@ def pull() -> None:
 @cli.command()
 def serve() -> None:
     """Run the model server on PORT and stay in the foreground (the default command)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):  # as PID 1 we would ignore them otherwise
+        signal.signal(sig, stop_before_serving)
     cfg = load()
     resolve_runtime(cfg)
     files = files_to_serve(cfg)
@@ -619,9 +639,14 @@ def health() -> None:
     reads PORT only, so a check every few seconds costs next to nothing."""
     import urllib.request
     env_file = Path(os.environ.get("MODEL_ENV_FILE", MODEL_ENV_DEFAULT))
-    port = os.environ.get("PORT") or parse_env_file(env_file).get("PORT") or SETTINGS["PORT"].default
+    port = os.environ["PORT"] if "PORT" in os.environ else parse_env_file(env_file).get("PORT", "")
+    port = port.strip() or SETTINGS["PORT"].default
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models")
+    api_key = os.environ.get("API_KEY") or parse_env_file(env_file).get("API_KEY")
+    if api_key:  # the server then asks for it on every path
+        request.add_header("Authorization", f"Bearer {api_key}")
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=4) as reply:
+        with urllib.request.urlopen(request, timeout=4) as reply:
             click.echo(f"healthy: HTTP {reply.status}")
     except OSError as exc:
         click.echo(f"unhealthy: {exc}", err=True)
