@@ -7,6 +7,8 @@ ARG BASE_IMAGE=docker.io/library/debian:bookworm-20251229-slim
 
 # ---- builder: compilers stay in this stage --------------------------------
 FROM ${BASE_IMAGE} AS builder
+# DL3008 (apt versions unpinned): the dated base tag fixes the Debian release;
+# exact package versions would break the build at each security update.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake git ca-certificates \
@@ -37,6 +39,7 @@ LABEL org.opencontainers.image.title="localllm" \
       org.opencontainers.image.description="A GGUF model served on CPU by Google's localllm (llama-cpp-python) behind an OpenAI-compatible API on port 8000" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="debian:bookworm-slim"
+# DL3008: as in the builder stage.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 libgomp1 ca-certificates \

