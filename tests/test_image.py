@@ -1,0 +1,306 @@
+"""The repository's real Dockerfile, built with buildah and run (no Docker engine here).
+
+Only what cannot be reached is replaced, through the Dockerfile's own build
+arguments: the base image comes from debootstrap (BASE_IMAGE), localllm from the
+stand-in's wheel (LOCALLLM), the hub from tests/hub_standin.py (HF_ENDPOINT).
+The hub asks for a token, which reaches the build only as a secret.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import openai
+import pytest
+
+from conftest import ALIAS, REPO, REPO_FILES, ROOT, HubStandin
+
+BASE_IMAGE = "localhost/debian:bookworm-slim"
+CACHE = Path(os.environ.get("LOCALLLM_TEST_CACHE", Path.home() / ".cache/localllm-tests"))
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+TOKEN = "hf_build_secret_" + uuid.uuid4().hex  # must never appear in the image
+PORT = 8000
+
+pytestmark = pytest.mark.skipif(os.environ.get("LOCALLLM_SKIP_IMAGE_TEST") == "1",
+                                reason="LOCALLLM_SKIP_IMAGE_TEST=1")
+
+
+def buildah(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(["buildah", *args], capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise AssertionError(f"buildah {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def base_image() -> str:
+    """debian:bookworm-slim without a registry: debootstrap, once per machine."""
+    if buildah("inspect", "--type", "image", BASE_IMAGE, check=False).returncode != 0:
+        rootfs = CACHE / "debian-bookworm-rootfs"
+        if not (rootfs / "etc/debian_version").exists():
+            shutil.rmtree(rootfs, ignore_errors=True)
+            subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs),
+                            "http://deb.debian.org/debian"], check=True, capture_output=True)
+        container = buildah("from", "scratch").stdout.strip()
+        try:
+            mount = buildah("mount", container).stdout.strip()
+            subprocess.run(["cp", "-a", f"{rootfs}/.", mount], check=True)
+            buildah("umount", container)
+            buildah("commit", "--quiet", container, BASE_IMAGE)
+        finally:
+            buildah("rm", container, check=False)
+    return BASE_IMAGE
+
+
+def set_model_env(path: Path, **values: str) -> None:
+    """Edit model.env the way a user does: change the value on the variable's line."""
+    text = path.read_text()
+    for name, value in values.items():
+        text, count = re.subn(rf"(?m)^{name}=.*$", f"{name}={value}", text)
+        assert count == 1, f"{name} has no line in model.env"
+    path.write_text(text)
+
+
+class ImageBuild:
+    """Builds from a copy of the repository, as `docker build` would from a checkout."""
+
+    def __init__(self, workdir: Path, hub: HubStandin, base: str):
+        self.context = workdir / "context"
+        shutil.copytree(ROOT, self.context, ignore=shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache"))
+        self.wheels = workdir / "localllm-wheel"
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(self.wheels),
+                        str(ROOT / "tests/localllm_standin")], check=True)
+        self.token_file = workdir / "hf_token"
+        self.token_file.write_text(TOKEN)
+        self.hub, self.base = hub, base
+        self.tags: list[str] = []
+        self.seconds: dict[str, float] = {}
+
+    def build(self, name: str, *build_args: str) -> str:
+        """Build with the Dockerfile's own arguments; returns buildah's log."""
+        tag = f"localhost/localllm-test-{name}:{uuid.uuid4().hex[:8]}"
+        wheel = next(self.wheels.glob("*.whl"))
+        args = [f"BASE_IMAGE={self.base}", "PIP_CERT=/run/host-ca.crt", f"LOCALLLM=/run/localllm/{wheel.name}",
+                f"HF_ENDPOINT={self.hub.url}", *build_args]
+        command = ["buildah", "bud", "--layers", "--format", "docker", "--isolation", "chroot", "--network", "host",
+                   "--pull=never", "--volume", f"{HOST_CA}:/run/host-ca.crt:ro",
+                   "--volume", f"{self.wheels}:/run/localllm:ro", "--secret", f"id=hf_token,src={self.token_file}",
+                   *[part for arg in args for part in ("--build-arg", arg)],
+                   "-t", tag, "-f", str(self.context / "Dockerfile"), str(self.context)]
+        started = time.monotonic()
+        done = subprocess.run(command, capture_output=True, text=True)
+        self.seconds[name] = time.monotonic() - started
+        assert done.returncode == 0, f"build {name} failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
+        self.tags.append(tag)
+        self.last_tag = tag
+        return done.stdout
+
+    def remove(self) -> None:
+        for tag in self.tags:
+            buildah("rmi", "--force", tag, check=False)
+        buildah("rmi", "--prune", check=False)  # the intermediate layers of these builds
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, base_image, model_path, report):
+    """The image built from the repository with the test model, and facts about it."""
+    started = time.monotonic()
+    hub = HubStandin({REPO: {name: model_path for name in REPO_FILES}}, token=TOKEN).start()
+    image = ImageBuild(tmp_path_factory.mktemp("image"), hub, base_image)
+    try:
+        set_model_env(image.context / "model.env", MODEL=REPO, MODEL_QUANT="q4_k_m", CHAT_FORMAT="gemma")
+        first_log = image.build("first")
+        image.full = image.last_tag
+        set_model_env(image.context / "model.env", N_CTX="2048")
+        image.rebuild_log = image.build("rebuild")
+        image.served = image.last_tag
+        image.build("slim", "PULL_MODEL=0")
+        image.slim = image.last_tag
+        assert "Pulling gemma-3-270m-Q4_K_M.gguf" in first_log
+        report("image: first build", f"{image.seconds['first']:.0f} s")
+        report("image: rebuild after a model.env change",
+               f"{image.seconds['rebuild']:.0f} s ({image.seconds['rebuild'] / image.seconds['first']:.2f} of the first)")
+        report("image: size with the model", size(image.full))
+        report("image: size without the model (PULL_MODEL=0)", size(image.slim))
+        hub.stop()  # from here on nothing may need the network
+        yield image
+    finally:
+        hub.stop()
+        image.remove()
+        report("image: whole image test (builds, checks, clean-up)", f"{time.monotonic() - started:.0f} s")
+
+
+def size(tag: str) -> str:
+    return buildah("images", "--format", "{{.Size}}", tag).stdout.strip()
+
+
+def inspect(tag: str) -> dict:
+    return json.loads(buildah("inspect", "--type", "image", tag).stdout)
+
+
+def steps(log: str) -> list[tuple[str, bool]]:
+    """(instruction, taken from cache) for each step of the final stage in a build log."""
+    found = []
+    for match in re.finditer(r"STEP \d+/\d+: (.*)\n(--> Using cache)?", log):
+        found.append((match.group(1), bool(match.group(2))))
+    return found
+
+
+def test_editing_model_env_reuses_the_heavy_layers(images):
+    rebuilt = steps(images.rebuild_log)
+    assert rebuilt, images.rebuild_log
+    heavy = [s for s in rebuilt if "pip install" in s[0] or "apt-get" in s[0]]
+    assert heavy and all(cached for _, cached in heavy), heavy
+    pull = [s for s in rebuilt if "entrypoint.py pull" in s[0]]
+    assert pull and not pull[0][1], "the pull must run again after model.env changed"
+
+
+def test_image_config(images):
+    config = inspect(images.served)["Docker"]["config"]
+    assert config["User"] == "1000:1000"
+    assert "8000/tcp" in config["ExposedPorts"]
+    assert config["Entrypoint"] == ["python", "/app/entrypoint.py"] and config["Cmd"] == ["serve"]
+    assert config["Healthcheck"]["Test"] == ["CMD", "python", "/app/entrypoint.py", "health"]
+    assert "HF_HUB_OFFLINE=1" in config["Env"]
+    assert config["Labels"]["org.opencontainers.image.title"] == "localllm"
+    slim = inspect(images.slim)["Docker"]["config"]
+    assert "HF_HUB_OFFLINE=0" in slim["Env"]
+
+
+def test_build_secret_leaves_no_trace(images):
+    for tag in (images.full, images.served, images.slim):
+        assert TOKEN not in buildah("inspect", "--type", "image", tag).stdout  # config, env, history
+        container = buildah("from", tag).stdout.strip()
+        try:
+            root = buildah("mount", container).stdout.strip()
+            found = subprocess.run(["grep", "-r", "-l", "-F", "--binary-files=text", TOKEN, root],
+                                   capture_output=True, text=True)
+            assert found.returncode == 1, f"token found in {found.stdout}"
+            assert not any((Path(root) / "run/secrets").glob("*"))
+        finally:
+            buildah("umount", container, check=False)
+            buildah("rm", container, check=False)
+
+
+def command_line(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+class Container:
+    """`docker run` with buildah: the image's own entrypoint, command, user,
+    environment and working directory, on the host network."""
+
+    def __init__(self, tag: str):
+        config = inspect(tag)["Docker"]["config"]
+        self.config = config
+        self.name = buildah("from", tag).stdout.strip()
+        options = ["--isolation", "chroot", "--network", "host", "--user", config["User"],
+                   "--workingdir", config["WorkingDir"]]
+        for entry in config["Env"]:
+            options += ["--env", entry]
+        self.options = options
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{self.name}.log", "w+")
+        self.proc = subprocess.Popen(["buildah", "run", *options, self.name, "--",
+                                      *config["Entrypoint"], *config["Cmd"]],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def exec(self, *command: str) -> subprocess.CompletedProcess:
+        return buildah("run", *self.options, self.name, "--", *command, check=False)
+
+    @staticmethod
+    def processes(needle: str) -> list[int]:
+        """Host pids of live processes whose command line contains `needle`."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and needle in command_line(int(proc.name)) \
+                        and "\nState:\tZ" not in (proc / "status").read_text():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def remove(self) -> None:
+        for pid in self.processes("/app/entrypoint.py serve") + self.processes("llama_cpp.server.app"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        buildah("rm", self.name, check=False)
+
+
+def assert_port_free(port: int) -> None:
+    """Fail early and clearly when something else already listens on the port."""
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is already in use"
+
+
+@pytest.fixture(scope="module")
+def container(images):
+    assert_port_free(PORT)
+    running = Container(images.served)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert running.proc.poll() is None, running.output()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/v1/models", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, running.output()
+                time.sleep(0.2)
+        yield running
+    finally:
+        running.remove()
+
+
+def test_container_answers_offline(container):
+    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/v1/models", timeout=5) as reply:
+        assert [m["id"] for m in json.load(reply)["data"]] == [ALIAS]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hello"}],
+                                           max_tokens=8)
+    assert reply.choices[0].message.content.strip()
+    assert "context 2048" in container.output()  # the rebuilt model.env is the one served
+
+
+def test_healthcheck_command_succeeds_inside(container):
+    test = container.config["Healthcheck"]["Test"]
+    assert test[0] == "CMD"
+    done = container.exec(*test[1:])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_server_runs_as_non_root(container):
+    servers = container.processes("llama_cpp.server.app")
+    assert len(servers) == 1
+    status = Path(f"/proc/{servers[0]}/status").read_text()
+    uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)", status, re.M).groups()
+    assert uids == ("1000", "1000")
+
+
+def test_sigterm_stops_the_container(container):
+    """`docker stop` sends SIGTERM to the container's main process."""
+    entrypoints = container.processes("/app/entrypoint.py serve")
+    main = [pid for pid in entrypoints if command_line(pid).split()[0].endswith(("/python", "/python3"))]
+    assert len(main) == 1, [command_line(pid) for pid in entrypoints]
+    os.kill(main[0], signal.SIGTERM)
+    assert container.proc.wait(10) == 0, container.output()
+    assert container.processes("llama_cpp.server.app") == []
