@@ -67,6 +67,13 @@ SETTINGS = {s.name: s for s in (
 )}
 
 
+# llama-cpp-python server settings whose own defaults are wrong for a shared node.
+SERVER_DEFAULTS = {
+    # true lets each new request cut off the answer being streamed to someone else
+    "INTERRUPT_REQUESTS": "false",
+}
+
+
 def parse_env_file(path: Path) -> dict[str, str]:
     """Read plain KEY=VALUE lines, the same format `docker run --env-file` takes."""
     values: dict[str, str] = {}
@@ -117,9 +124,9 @@ def load_config(environ: dict[str, str], env_file: Path) -> Config:
         if name not in SETTINGS and name not in fields and not name.startswith("HF_"):
             raise UserError(f"{name} in {env_file.name} is not a setting of this image, of llama-cpp-python's "
                             "server or of the Hugging Face hub (HF_*): check its spelling")
-    extra = sorted((set(file_values) | (set(fields) & set(environ))) - set(SETTINGS))
+    extra = sorted((set(file_values) | (set(fields) & set(environ)) | set(SERVER_DEFAULTS)) - set(SETTINGS))
     for name in extra:
-        take(name, None)
+        take(name, SERVER_DEFAULTS.get(name))
     config = Config(values, sources, extra)
     validate(config, fields)
     return config
