@@ -64,7 +64,9 @@ SETTINGS = {s.name: s for s in (
     Setting("CHAT_FORMAT", "", "llama-cpp-python chat format; empty = from the GGUF", auto=True),
     Setting("PORT", "8000", "port the server listens on"),
     Setting("STOP_TIMEOUT", "10", "seconds to wait for the server to stop before SIGKILL"),
+    Setting("VERIFY_MODEL_SHA256", "false", "hash the model at start and compare with the hub's SHA-256"),
 )}
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 # llama-cpp-python server settings whose own defaults are wrong for a shared node.
@@ -165,6 +167,8 @@ def validate(config: Config, server_fields: dict) -> None:
     _positive_int(config, "N_THREADS_BATCH", allow_empty=True, upper=1024)
     _positive_int(config, "PORT", upper=65535)
     _positive_int(config, "STOP_TIMEOUT", upper=3600)
+    if config["VERIFY_MODEL_SHA256"].lower() not in BOOLEANS:
+        raise UserError(f"VERIFY_MODEL_SHA256={config['VERIFY_MODEL_SHA256']!r} is not valid: expected true or false")
     if config["CHAT_FORMAT"]:
         formats = chat_formats()
         if config["CHAT_FORMAT"] not in formats:
@@ -326,8 +330,9 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def recorded_files(config: Config) -> list[str] | None:
-    """The build's choice, when the settings are the ones the image was built with."""
+def recorded_files(config: Config) -> dict[str, dict] | None:
+    """The build's choice with each file's size and SHA-256, when the settings are
+    the ones the image was built with."""
     try:
         record = json.loads(record_path().read_text())
     except (OSError, ValueError):
@@ -340,12 +345,14 @@ def record_key(config: Config) -> dict[str, str]:
     return {"MODEL": config["MODEL"], "MODEL_FILE": config["MODEL_FILE"], "MODEL_QUANT": config["MODEL_QUANT"].upper()}
 
 
-def list_repo(model: str) -> list[str]:
-    """List the repo's files on the hub, turning hub errors into one line."""
-    from huggingface_hub import constants, list_repo_files
+def list_repo(model: str) -> dict[str, dict]:
+    """The repo's files on the hub with their size and SHA-256 (the LFS object id),
+    turning hub errors into one line."""
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     try:
-        return list_repo_files(model)
+        siblings = HfApi().model_info(model, files_metadata=True).siblings or []
+        return {s.rfilename: {"size": s.size, "sha256": s.lfs.sha256 if s.lfs else None} for s in siblings}
     except GatedRepoError:
         raise UserError(f"MODEL={model} is gated: accept its terms on the hub and pass HF_TOKEN "
                         "(a build secret, see docs)") from None
@@ -365,20 +372,66 @@ def llm(*args: str) -> list[str]:
     return ["llm", *args]
 
 
-def pull_files(config: Config) -> list[str]:
-    """Choose the file(s) from the hub listing and pull each with `llm pull`."""
+def pull_files(config: Config) -> dict[str, dict]:
+    """Choose the file(s) from the hub listing, pull each with `llm pull` and check
+    it against the hub's size and SHA-256. Returns {file: {size, sha256}}."""
     model = config["MODEL"]
-    files = choose_files(config, list_repo(model))
-    for name in files:
+    listing = list_repo(model)
+    pulled = {}
+    for name in choose_files(config, list(listing)):
         done = subprocess.run(llm("pull", model, "--filename", name), check=False)
         if done.returncode != 0:
             raise SystemExit(f"error: `llm pull {model} --filename {name}` failed "
                              f"with status {done.returncode}")
-    return files
+        expected = listing[name]
+        check_model_file(model, name, expected, verify_sha256=bool(expected["sha256"]))
+        pulled[name] = expected
+    return pulled
 
 
-def files_to_serve(config: Config) -> list[str]:
-    """Find the model's file(s) without the network, or pull them if allowed."""
+def cached_path(model: str, name: str) -> Path | None:
+    """The file in the hub cache, found the way `llm run` finds it."""
+    for snapshot in sorted(repo_cache_dir(model).glob("snapshots/*")):
+        if (snapshot / name).is_file():
+            return snapshot / name
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_model_file(model: str, name: str, expected: dict, verify_sha256: bool) -> None:
+    """Catch a missing, truncated or replaced model file before llama.cpp aborts on it."""
+    path = cached_path(model, name)
+    if path is None:
+        raise SystemExit(f"error: model file {name} of {model} is missing from the cache ({repo_cache_dir(model)})")
+    with path.open("rb") as f:
+        magic, version = f.read(4), int.from_bytes(f.read(4), "little")
+    if magic != b"GGUF" or version not in (2, 3):
+        raise SystemExit(f"error: model file {path} is not a GGUF v2/v3 file "
+                         f"(starts with {magic!r}, version {version}): rebuild the image to pull it again")
+    size = path.stat().st_size
+    if expected.get("size") is not None and size != expected["size"]:
+        raise SystemExit(f"error: model file {path} has {size} bytes, the hub recorded {expected['size']}: "
+                         "it is truncated or replaced; rebuild the image to pull it again")
+    if verify_sha256:
+        if not expected.get("sha256"):
+            raise SystemExit(f"error: VERIFY_MODEL_SHA256=true but no SHA-256 is recorded for {name}")
+        actual = sha256_of(path)
+        if actual != expected["sha256"]:
+            raise SystemExit(f"error: model file {path} has SHA-256 {actual}, the hub recorded "
+                             f"{expected['sha256']}: rebuild the image to pull it again")
+
+
+def files_to_serve(config: Config) -> dict[str, dict]:
+    """Find the model's file(s) without the network, or pull them if allowed.
+    Returns {file: what is known of it (size, sha256)}, the file to serve first."""
     model = config["MODEL"]
     files = recorded_files(config)
     cached = cached_files(model)
@@ -386,7 +439,7 @@ def files_to_serve(config: Config) -> list[str]:
         return files
     if cached:
         try:
-            return choose_files(config, cached, where="this image's model cache")
+            return {name: {} for name in choose_files(config, cached, where="this image's model cache")}
         except UserError:
             if offline():
                 raise
@@ -614,7 +667,7 @@ def pull() -> None:
     """Download the model file(s) into the hub cache and record the choice (build time)."""
     cfg = load()
     files = pull_files(cfg)
-    record = {"settings": record_key(cfg), "files": files}
+    record = {"settings": record_key(cfg), "files": files}  # files: {name: {size, sha256}}
     record_path().parent.mkdir(parents=True, exist_ok=True)
     record_path().write_text(json.dumps(record, indent=2) + "\n")
     click.echo(f"Recorded {cfg['MODEL']} -> {', '.join(files)} in {record_path()}")
@@ -628,12 +681,16 @@ def serve() -> None:
     cfg = load()
     resolve_runtime(cfg)
     files = files_to_serve(cfg)
+    verify = BOOLEANS[cfg["VERIFY_MODEL_SHA256"].lower()]
+    for name, expected in files.items():
+        check_model_file(cfg["MODEL"], name, expected, verify)
+    first = next(iter(files))
     log_target = start_log_relay()
     log_config = Path(tempfile.mkdtemp(prefix="localllm-")) / "uvicorn-log.json"
     log_config.write_text(json.dumps(uvicorn_log_config(log_target)))
-    command = llm("run", cfg["MODEL"], cfg["PORT"], "--host", "0.0.0.0", "--filename", files[0],
+    command = llm("run", cfg["MODEL"], cfg["PORT"], "--host", "0.0.0.0", "--filename", first,
                   "--verbose", "--log-config", str(log_config))
-    click.echo(f"Serving {cfg['MODEL']} ({files[0]}) as {cfg['MODEL_ALIAS']!r} on port {cfg['PORT']} "
+    click.echo(f"Serving {cfg['MODEL']} ({first}) as {cfg['MODEL_ALIAS']!r} on port {cfg['PORT']} "
                f"with {cfg['N_THREADS']} threads, context {cfg['N_CTX']}")
     env = server_env(cfg, dict(os.environ))
     sys.stdout.flush()
