@@ -7,12 +7,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import openai
 import pytest
 
-from conftest import ALIAS, processes_with_env
+from conftest import ALIAS, ROOT, processes_with_env
 
 
 def test_models_lists_the_alias(server):
@@ -146,3 +147,29 @@ def test_serving_needs_no_network(start_server, hub):
     entrypoint.wait_ready()
     client(entrypoint).completions.create(model=ALIAS, prompt="Hello", max_tokens=4)
     assert len(hub.requests) == before
+
+
+def health(entrypoint, timeout: float = 4) -> subprocess.CompletedProcess:
+    """The image's HEALTHCHECK command, against this server's port."""
+    return subprocess.run([sys.executable, str(ROOT / "entrypoint.py"), "health"], capture_output=True, text=True,
+                          env={**os.environ, "PORT": str(entrypoint.port)}, timeout=timeout)
+
+
+def test_health_answers_without_the_api_key_while_the_api_needs_it(start_server):
+    entrypoint = start_server(API_KEY="sk-test-key")
+    entrypoint.wait_for_line("Running ", timeout=120)
+    assert health(entrypoint).returncode == 0
+    with pytest.raises(openai.AuthenticationError):
+        client(entrypoint).models.list()
+    keyed = openai.OpenAI(base_url=entrypoint.url + "/v1", api_key="sk-test-key", max_retries=0)
+    assert [m.id for m in keyed.models.list().data] == [ALIAS]
+
+
+def test_health_answers_while_the_model_is_busy(server):
+    """/v1/models waits for the model lock; the health path must not."""
+    stream = client(server).completions.create(model=ALIAS, prompt="Once upon a time", max_tokens=300,
+                                               stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))  # generation is under way
+    done = health(server, timeout=10)
+    assert done.returncode == 0, done.stderr
+    stream.close()
