@@ -504,6 +504,16 @@ def uvicorn_log_config(target: str) -> dict:
     }
 
 
+def scratch_dir() -> Path:
+    """A private folder for the one file we write (uvicorn's log config): the usual
+    temporary folder, else /dev/shm, which Docker and Kubernetes keep writable
+    when the root filesystem is read-only."""
+    try:
+        return Path(tempfile.mkdtemp(prefix="localllm-"))
+    except OSError:  # FileNotFoundError: no usable temporary directory
+        return Path(tempfile.mkdtemp(prefix="localllm-", dir="/dev/shm"))
+
+
 def start_log_relay() -> str:
     """A pipe whose read end is copied to our stdout; the server opens the write
     end through /proc, which works whatever our stdout is (pipe, file, socket)."""
@@ -690,7 +700,7 @@ def serve() -> None:
         check_model_file(cfg["MODEL"], name, expected, verify)
     first = next(iter(files))
     log_target = start_log_relay()
-    log_config = Path(tempfile.mkdtemp(prefix="localllm-")) / "uvicorn-log.json"
+    log_config = scratch_dir() / "uvicorn-log.json"
     log_config.write_text(json.dumps(uvicorn_log_config(log_target)))
     command = llm("run", cfg["MODEL"], cfg["PORT"], "--host", "0.0.0.0", "--filename", first,
                   "--verbose", "--log-config", str(log_config))

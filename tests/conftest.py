@@ -101,12 +101,12 @@ def pulled_home(tmp_path_factory, hub) -> Path:
 class Entrypoint:
     """`entrypoint.py serve` as a process; its stdout is collected line by line."""
 
-    def __init__(self, env: dict[str, str], port: int):
+    def __init__(self, env: dict[str, str], port: int, prefix: tuple[str, ...] = ()):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.marker = env["LOCALLLM_TEST_MARKER"]
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "serve"], env=env,
+        self.proc = subprocess.Popen([*prefix, sys.executable, str(ROOT / "entrypoint.py"), "serve"], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._collect, daemon=True).start()
 
@@ -167,14 +167,15 @@ def processes_with_env(entry: str) -> list[int]:
     return found
 
 
-def launch(folder: Path, hf_home: Path, **settings: str) -> Entrypoint:
-    """Start `entrypoint.py serve` on a pulled cache, offline, as the image would."""
+def launch(folder: Path, hf_home: Path, prefix: tuple[str, ...] = (), **settings: str) -> Entrypoint:
+    """Start `entrypoint.py serve` on a pulled cache, offline, as the image would;
+    `prefix` is a command to start it under."""
     port = free_port()
     env_file = write_model_env(folder / f"model-{port}.env", MODEL=REPO, MODEL_QUANT="Q4_K_M",
                                CHAT_FORMAT="gemma", N_CTX="2048")
     env = clean_environ(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", MODEL_ENV_FILE=str(env_file),
                         PORT=str(port), LOCALLLM_TEST_MARKER=uuid.uuid4().hex, **settings)
-    return Entrypoint(env, port)
+    return Entrypoint(env, port, prefix)
 
 
 @pytest.fixture
@@ -182,8 +183,8 @@ def start_server(tmp_path, pulled_home):
     """Start servers of one's own (stopped and checked for leftovers at teardown)."""
     started: list[Entrypoint] = []
 
-    def start(**settings: str) -> Entrypoint:
-        started.append(launch(tmp_path, pulled_home, **settings))
+    def start(prefix: tuple[str, ...] = (), **settings: str) -> Entrypoint:
+        started.append(launch(tmp_path, pulled_home, prefix, **settings))
         return started[-1]
 
     yield start

@@ -173,3 +173,15 @@ def test_health_answers_while_the_model_is_busy(server):
     done = health(server, timeout=10)
     assert done.returncode == 0, done.stderr
     stream.close()
+
+
+READ_ONLY_ROOT = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                  'mount -o remount,bind,ro / && exec "$0" "$@"')
+
+
+def test_serves_with_a_read_only_root_filesystem(start_server):
+    """As `docker run --read-only` (or readOnlyRootFilesystem): only /dev/shm stays writable."""
+    entrypoint = start_server(prefix=READ_ONLY_ROOT)
+    entrypoint.wait_ready()
+    assert client(entrypoint).completions.create(model=ALIAS, prompt="Hi", max_tokens=4).choices[0].text
+    entrypoint.wait_for_line('"POST /v1/completions HTTP/1.1" 200')
