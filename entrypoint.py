@@ -62,7 +62,7 @@ SETTINGS = {s.name: s for s in (
     Setting("MODEL_FILE", "", "exact file in the repo; empty = choose by MODEL_QUANT"),
     Setting("MODEL_QUANT", "Q4_K_M", "quantisation to pick when MODEL_FILE is empty"),
     Setting("MODEL_ALIAS", "", "model id shown by /v1/models; empty = repo name", auto=True),
-    Setting("N_CTX", "4096", "context length in tokens"),
+    Setting("N_CTX", "", "context length in tokens; empty = the model's, capped to fit", auto=True),
     Setting("N_THREADS", "", "generation threads; empty = CPUs this container may use", auto=True),
     Setting("N_THREADS_BATCH", "", "prompt threads; empty = same as N_THREADS", auto=True),
     Setting("CHAT_FORMAT", "", "llama-cpp-python chat format; empty = from the GGUF", auto=True),
@@ -77,6 +77,9 @@ BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "n
 SERVER_DEFAULTS = {
     # true lets each new request cut off the answer being streamed to someone else
     "INTERRUPT_REQUESTS": "false",
+    # true computes logits for every prompt token: prompt processing 2.3x slower
+    # (docs/en/performance.md); only `logprobs` requests need it
+    "LOGITS_ALL": "false",
 }
 
 
@@ -166,7 +169,7 @@ def validate(config: Config, server_fields: dict) -> None:
     if not file and not re.fullmatch(r"[A-Za-z0-9_]+", config["MODEL_QUANT"]):
         raise UserError(f"MODEL_QUANT={config['MODEL_QUANT']!r} is not valid: "
                         "expected a quantisation name such as Q4_K_M, Q5_K_M or Q8_0")
-    _positive_int(config, "N_CTX")
+    _positive_int(config, "N_CTX", allow_empty=True)
     _positive_int(config, "N_THREADS", allow_empty=True, upper=1024)
     _positive_int(config, "N_THREADS_BATCH", allow_empty=True, upper=1024)
     _positive_int(config, "PORT", upper=65535)
@@ -228,8 +231,9 @@ def available_cpus(root: Path = Path("/")) -> tuple[int, str]:
     return count, ", ".join(f"{k} {v}" for k, v in limits.items())
 
 
-def resolve_runtime(config: Config) -> None:
-    """Fill in the automatic values (threads, alias) and say why."""
+def resolve_runtime(config: Config, model: "ModelFacts | None" = None) -> None:
+    """Fill in the automatic values and say why; those that depend on the model
+    file (context, chat format) only when its facts are known."""
     if not config["N_THREADS"]:
         count, why = available_cpus()
         config.values["N_THREADS"], config.sources["N_THREADS"] = str(count), f"automatic: {why}"
@@ -239,8 +243,149 @@ def resolve_runtime(config: Config) -> None:
     if not config["MODEL_ALIAS"]:
         config.values["MODEL_ALIAS"] = re.sub(r"(?i)-gguf$", "", config["MODEL"].split("/")[1])
         config.sources["MODEL_ALIAS"] = "automatic: repo name"
+    if model is None:
+        for name in ("N_CTX", "CHAT_FORMAT"):
+            if not config[name]:
+                config.sources[name] = "automatic: decided at start from the model file"
+        return
+    if not config["N_CTX"]:
+        config.values["N_CTX"], config.sources["N_CTX"] = automatic_context(model)
+    check_memory(model, int(config["N_CTX"]))
     if not config["CHAT_FORMAT"]:
-        config.sources["CHAT_FORMAT"] = "automatic: the GGUF's chat template"
+        config.values["CHAT_FORMAT"], config.sources["CHAT_FORMAT"] = automatic_chat_format(model, config["MODEL"])
+
+
+# ---------------------------------------------------------- model facts ---
+
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def read_gguf_metadata(path: Path) -> dict:
+    """The key-value header of a GGUF file (not the tensors). Arrays are kept only
+    when short (the vocabulary is skipped), so this takes a fraction of a second."""
+    import struct
+
+    def unpack(fmt):
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def string():
+        return f.read(unpack("<Q")).decode("utf-8", "replace")
+
+    def value(kind):
+        if kind == GGUF_STRING:
+            return string()
+        if kind == GGUF_ARRAY:
+            item, count = unpack("<I"), unpack("<Q")
+            if item in GGUF_SCALARS and count > 64:
+                f.seek(count * struct.calcsize(GGUF_SCALARS[item]), 1)
+                return None
+            items = [value(item) for _ in range(count)]
+            return items if count <= 64 else None
+        return unpack(GGUF_SCALARS[kind])
+
+    with path.open("rb") as f:
+        f.read(8)  # magic and version, checked by check_model_file
+        unpack("<Q")  # tensor count
+        return {string(): value(unpack("<I")) for _ in range(unpack("<Q"))}
+
+
+@dataclass
+class ModelFacts:
+    """What the settings need to know about the model: from the GGUF header."""
+    path: Path
+    size: int  # bytes, all parts of a split model
+    architecture: str
+    name: str
+    trained_context: int
+    kv_bytes_per_token: int  # f16 K and V over all layers
+    has_chat_template: bool
+
+
+def model_facts(paths: list[Path]) -> ModelFacts:
+    """Facts of a model from its file (the first part's header holds them)."""
+    first, size = paths[0], sum(p.stat().st_size for p in paths)
+    meta = read_gguf_metadata(first)
+    arch = meta.get("general.architecture", "")
+
+    def number(key, default=0):
+        found = meta.get(f"{arch}.{key}", default)
+        return max(found) if isinstance(found, list) else (found or default)
+
+    n_embd, n_head = number("embedding_length"), number("attention.head_count", 1)
+    n_head_kv = number("attention.head_count_kv", n_head)
+    key_len = number("attention.key_length", n_embd // max(n_head, 1))
+    value_len = number("attention.value_length", key_len)
+    kv = number("block_count") * n_head_kv * (key_len + value_len) * 2
+    return ModelFacts(first, size, arch, meta.get("general.name", ""), number("context_length", 2048), kv,
+                      bool(meta.get("tokenizer.chat_template")))
+
+
+CONTEXT_CAP = 8192  # long enough for chat and RAG prompts; more only when asked (N_CTX)
+
+
+def memory_limit() -> tuple[int, str]:
+    """Bytes this container may use: the cgroup limit (v2, v1), else available RAM."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:
+            return int(text), f"cgroup limit {path}"
+    meminfo = Path("/proc/meminfo").read_text()
+    available = int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
+    return available, "available RAM"
+
+
+def memory_needed(model: ModelFacts, n_ctx: int) -> int:
+    """Model file (mapped) + KV cache + a reserve for compute buffers."""
+    return model.size + n_ctx * model.kv_bytes_per_token + max(256 << 20, model.size // 10)
+
+
+def automatic_context(model: ModelFacts) -> tuple[str, str]:
+    """The trained context capped at CONTEXT_CAP, halved until it fits (not below 512)."""
+    limit, _ = memory_limit()
+    n_ctx = min(model.trained_context, CONTEXT_CAP)
+    while n_ctx > 512 and memory_needed(model, n_ctx) > limit:
+        n_ctx //= 2
+    why = f"automatic: trained {model.trained_context}, capped at {CONTEXT_CAP}"
+    if n_ctx < min(model.trained_context, CONTEXT_CAP):
+        why += ", halved to fit memory"
+    return str(n_ctx), why
+
+
+def check_memory(model: ModelFacts, n_ctx: int) -> None:
+    """Refuse to start what cannot fit; warn when it is tight."""
+    limit, where = memory_limit()
+    needed = memory_needed(model, n_ctx)
+    gib = lambda n: f"{n / (1 << 30):.1f} GiB"  # noqa: E731
+    detail = (f"model {gib(model.size)} + context {n_ctx} tokens {gib(n_ctx * model.kv_bytes_per_token)} "
+              f"+ reserve = {gib(needed)}, {where} {gib(limit)}")
+    if needed > limit:
+        raise UserError(f"the model does not fit in memory ({detail}): choose a smaller MODEL_QUANT "
+                        "or a smaller N_CTX, or give the container more memory")
+    if needed > 0.85 * limit:
+        click.echo(f"warning: memory is tight ({detail})", err=True)
+
+
+def automatic_chat_format(model: ModelFacts, repo: str) -> tuple[str, str]:
+    """The GGUF's own template when it has one; else llama-cpp-python's format for
+    the architecture or name (a wrong format gives empty or rambling answers)."""
+    if model.has_chat_template:
+        return "", "automatic: the GGUF's chat template"
+    name = f"{repo} {model.name}".lower()
+    rules = [("saiga" in name, "saiga"), (model.architecture.startswith("gemma"), "gemma"),
+             (model.architecture.startswith("qwen"), "chatml"),
+             ("llama-3" in name or "llama3" in name, "llama-3"),
+             ("mistral" in name or model.architecture == "mistral", "mistral-instruct"),
+             (model.architecture == "llama", "llama-2")]
+    chosen = next((fmt for matched, fmt in rules if matched), "")
+    if not chosen:
+        click.echo(f"warning: {repo} has no chat template and no known chat format for architecture "
+                   f"{model.architecture!r}: set CHAT_FORMAT", err=True)
+        return "", "automatic: none found (the server falls back to llama-2)"
+    return chosen, f"automatic: no chat template in the GGUF; {model.architecture} {model.name!r}"
 
 
 # ------------------------------------------------------------ file choice ---
@@ -341,7 +486,8 @@ def recorded_files(config: Config) -> dict[str, dict] | None:
         record = json.loads(record_path().read_text())
     except (OSError, ValueError):
         return None
-    return record["files"] if record.get("settings") == record_key(config) else None
+    files = record.get("files") if isinstance(record, dict) else None
+    return files if isinstance(files, dict) and record.get("settings") == record_key(config) else None
 
 
 def record_key(config: Config) -> dict[str, str]:
@@ -410,7 +556,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_model_file(model: str, name: str, expected: dict, verify_sha256: bool) -> None:
+def check_model_file(model: str, name: str, expected: dict, verify_sha256: bool) -> Path:
     """Catch a missing, truncated or replaced model file before llama.cpp aborts on it."""
     path = cached_path(model, name)
     if path is None:
@@ -431,6 +577,7 @@ def check_model_file(model: str, name: str, expected: dict, verify_sha256: bool)
         if actual != expected["sha256"]:
             raise SystemExit(f"error: model file {path} has SHA-256 {actual}, the hub recorded "
                              f"{expected['sha256']}: rebuild the image to pull it again")
+    return path
 
 
 def files_to_serve(config: Config) -> dict[str, dict]:
@@ -669,7 +816,8 @@ def cli(ctx: click.Context) -> None:
 def config() -> None:
     """Print the effective settings and where each came from."""
     cfg = load()
-    resolve_runtime(cfg)
+    paths = [cached_path(cfg["MODEL"], name) for name in recorded_files(cfg) or {}]
+    resolve_runtime(cfg, model_facts(paths) if paths and all(paths) else None)
     for name in SETTINGS:
         click.echo(f"{name}={cfg[name]}  # {cfg.sources[name]}")
     for name in cfg.extra:
@@ -693,11 +841,10 @@ def serve() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):  # as PID 1 we would ignore them otherwise
         signal.signal(sig, stop_before_serving)
     cfg = load()
-    resolve_runtime(cfg)
     files = files_to_serve(cfg)
     verify = BOOLEANS[cfg["VERIFY_MODEL_SHA256"].lower()]
-    for name, expected in files.items():
-        check_model_file(cfg["MODEL"], name, expected, verify)
+    paths = [check_model_file(cfg["MODEL"], name, expected, verify) for name, expected in files.items()]
+    resolve_runtime(cfg, model_facts(paths))
     first = next(iter(files))
     log_target = start_log_relay()
     log_config = scratch_dir() / "uvicorn-log.json"
@@ -724,6 +871,142 @@ def health() -> None:
             click.echo(f"healthy: HTTP {reply.status}")
     except OSError as exc:
         click.echo(f"unhealthy: {exc}", err=True)
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------- check ---
+
+CHECK_PROMPT = "Say hello in one short sentence."
+CHECK_HINTS = {
+    401: "the token or key is missing or refused (DataSphere: --iam-token or YC_IAM_TOKEN, "
+         "a fresh `yc iam create-token`; a server with API_KEY: --api-key)",
+    403: "the token is valid but may not call this node (check --folder-id and the account's access to the project)",
+    404: "no such path, node or alias (give the base URL without /v1; check --node-id or --alias)",
+    503: "not ready: the model is still loading or the node is starting; try again in a minute",
+}
+
+
+class CheckFailed(Exception):
+    """A step of `check` failed: reported as one line with exit status 1."""
+
+
+def check_open(url: str, headers: dict[str, str], timeout: float, body: dict | None = None):
+    """Send one request; HTTP and network failures become one CheckFailed line."""
+    import urllib.error
+    import urllib.request
+    step = f"{'POST' if body else 'GET'} {url}"
+    request = urllib.request.Request(url, json.dumps(body).encode() if body else None, headers)
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        detail = " ".join(exc.read(200).decode("utf-8", "replace").split())
+        hint = CHECK_HINTS.get(exc.code, "unexpected answer")
+        raise CheckFailed(f"{step}: HTTP {exc.code} {exc.reason}: {hint}" + (f" [{detail}]" if detail else "")) from None
+    except urllib.error.URLError as exc:
+        raise CheckFailed(f"{step}: {check_reason(exc.reason, timeout)}") from None
+    except OSError as exc:
+        raise CheckFailed(f"{step}: {check_reason(exc, timeout)}") from None
+
+
+def check_reason(reason, timeout: float) -> str:
+    if isinstance(reason, TimeoutError):
+        return f"no answer within {timeout:g} s (--timeout): the server is busy or still starting"
+    if isinstance(reason, ConnectionRefusedError):
+        return ("connection refused: nothing listens there (is the server running? "
+                "its port opens only once the model is loaded)")
+    return f"cannot connect: {reason}"
+
+
+def read_stream(reply, step: str, timeout: float) -> tuple[list[float], str, bool]:
+    """Read an OpenAI server-sent event stream: (arrival time of each text piece, text, [DONE] seen)."""
+    import http.client
+    times, text, line = [], [], ""
+    try:
+        for raw in reply:
+            line = raw.decode("utf-8").strip()
+            if not line.startswith("data:"):
+                continue  # blank separators and ": ping" comments
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return times, "".join(text), True
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise CheckFailed(f"{step}: the stream carried an error: {chunk['error']}")
+            piece = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content")
+            if piece:
+                times.append(time.monotonic())
+                text.append(piece)
+    except (OSError, http.client.HTTPException) as exc:
+        raise CheckFailed(f"{step}: the stream broke off: {check_reason(exc, timeout)}") from None
+    except ValueError:
+        raise CheckFailed(f"{step}: not an OpenAI event stream: {line[:120]!r}") from None
+    return times, "".join(text), False
+
+
+def run_check(base: str, headers: dict[str, str], timeout: float) -> None:
+    """List the models, stream one chat answer, print what a user would want to know."""
+    url = base + "/v1/models"
+    started = time.monotonic()
+    with check_open(url, headers, timeout) as reply:
+        try:
+            models = [m["id"] for m in json.load(reply)["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise CheckFailed(f"GET {url}: HTTP {reply.status} but not an OpenAI model list") from None
+    if not models:
+        raise CheckFailed(f"GET {url}: HTTP {reply.status} but no model is listed")
+    click.echo(f"models: HTTP {reply.status} in {time.monotonic() - started:.2f} s, model {models[0]!r}")
+    url = base + "/v1/chat/completions"
+    body = {"model": models[0], "messages": [{"role": "user", "content": CHECK_PROMPT}],
+            "max_tokens": 32, "stream": True}
+    sent = time.monotonic()
+    with check_open(url, headers, timeout, body) as reply:
+        times, text, done = read_stream(reply, f"POST {url}", timeout)
+    total = time.monotonic() - sent
+    if not done:
+        raise CheckFailed(f"POST {url}: the stream ended without its closing data: [DONE]")
+    if not text.strip():
+        raise CheckFailed(f"POST {url}: HTTP {reply.status} but the answer is empty "
+                          "(a wrong CHAT_FORMAT for this model is the usual cause)")
+    speed = (len(times) - 1) / (times[-1] - times[0]) if times[-1] > times[0] else None
+    click.echo(f"chat: HTTP {reply.status}, first token after {times[0] - sent:.2f} s, {len(times)} tokens"
+               + (f" at {speed:.1f} tokens/s" if speed else "") + f", total {total:.2f} s")
+    click.echo(f"answer: {' '.join(text.split())[:200]}")
+    click.echo(f"ok: {base} serves {models[0]!r}")
+
+
+@cli.command()
+@click.argument("url")
+@click.option("--node-id", help="DataSphere node id: sends x-node-id (call through node-api).")
+@click.option("--alias", help="DataSphere alias name: sends x-node-alias: datasphere.user.ALIAS.")
+@click.option("--folder-id", help="DataSphere folder id: sends x-folder-id.")
+@click.option("--iam-token", envvar="YC_IAM_TOKEN", help="IAM token: sends Authorization: Bearer TOKEN [env YC_IAM_TOKEN].")
+@click.option("--api-key", help="the server's API_KEY: sends Authorization: Bearer KEY.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120, show_default=True,
+              help="Seconds to wait for the connection and for each part of an answer.")
+def check(url, node_id, alias, folder_id, iam_token, api_key, timeout) -> None:
+    """Call a running server at URL as a client would: list the models and stream one
+    chat answer; exit 0 only when both worked. Uses only click and the standard library,
+    so it runs on a laptop too: python entrypoint.py check http://localhost:8000"""
+    if node_id and alias:
+        raise click.UsageError("give --node-id or --alias, not both")
+    if (node_id or alias) and not folder_id:
+        raise click.UsageError("--node-id and --alias need --folder-id (node-api requires x-folder-id)")
+    if iam_token and api_key:
+        raise click.UsageError("give --iam-token (or YC_IAM_TOKEN) or --api-key, not both: "
+                               "each is sent as Authorization: Bearer")
+    headers = {"Content-Type": "application/json", "User-Agent": "localllm-check"}
+    if node_id:
+        headers["x-node-id"] = node_id
+    if alias:
+        headers["x-node-alias"] = alias if alias.startswith("datasphere.user.") else f"datasphere.user.{alias}"
+    if folder_id:
+        headers["x-folder-id"] = folder_id
+    if iam_token or api_key:
+        headers["Authorization"] = f"Bearer {iam_token or api_key}"
+    try:
+        run_check(re.sub(r"/v1/?$", "", url.rstrip("/")), headers, timeout)
+    except CheckFailed as exc:
+        click.echo(f"error: {exc}", err=True)
         sys.exit(1)
 
 

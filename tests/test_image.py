@@ -23,7 +23,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from conftest import ALIAS, REPO, REPO_FILES, ROOT, HubStandin
+from conftest import ALIAS, REPO, REPO_FILES, ROOT, HubStandin, processes_with_env
 
 BASE_IMAGE = "localhost/debian:bookworm-slim"
 CACHE = Path(os.environ.get("LOCALLLM_TEST_CACHE", Path.home() / ".cache/localllm-tests"))
@@ -198,14 +198,16 @@ def command_line(pid: int) -> str:
 
 class Container:
     """`docker run` with buildah: the image's own entrypoint, command, user,
-    environment and working directory, on the host network."""
+    environment and working directory, on the host network. One variable is
+    added, a marker that tells this container's processes from other tests'."""
 
     def __init__(self, tag: str):
         config = inspect(tag)["Docker"]["config"]
         self.config = config
         self.name = buildah("from", tag).stdout.strip()
+        self.marker = f"LOCALLLM_TEST_MARKER={uuid.uuid4().hex}"
         options = ["--isolation", "chroot", "--network", "host", "--user", config["User"],
-                   "--workingdir", config["WorkingDir"]]
+                   "--workingdir", config["WorkingDir"], "--env", self.marker]
         for entry in config["Env"]:
             options += ["--env", entry]
         self.options = options
@@ -217,15 +219,13 @@ class Container:
     def exec(self, *command: str) -> subprocess.CompletedProcess:
         return buildah("run", *self.options, self.name, "--", *command, check=False)
 
-    @staticmethod
-    def processes(needle: str) -> list[int]:
-        """Host pids of live processes whose command line contains `needle`."""
+    def processes(self, needle: str) -> list[int]:
+        """Host pids of this container's live processes whose command line contains `needle`."""
         found = []
-        for proc in Path("/proc").iterdir():
+        for pid in processes_with_env(self.marker):
             try:
-                if proc.name.isdigit() and needle in command_line(int(proc.name)) \
-                        and "\nState:\tZ" not in (proc / "status").read_text():
-                    found.append(int(proc.name))
+                if needle in command_line(pid):
+                    found.append(pid)
             except OSError:
                 continue
         return found
@@ -288,12 +288,16 @@ def test_healthcheck_command_succeeds_inside(container):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_server_runs_as_non_root(container):
+def test_server_runs_as_non_root_and_listens_only_on_its_port(container):
+    import psutil
     servers = container.processes("llama_cpp.server.app")
     assert len(servers) == 1
     status = Path(f"/proc/{servers[0]}/status").read_text()
     uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)", status, re.M).groups()
     assert uids == ("1000", "1000")
+    listening = {c.laddr.port for pid in container.processes("")
+                 for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert listening == {PORT}
 
 
 def test_sigterm_stops_the_container(container):

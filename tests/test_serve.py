@@ -185,3 +185,12 @@ def test_serves_with_a_read_only_root_filesystem(start_server):
     entrypoint.wait_ready()
     assert client(entrypoint).completions.create(model=ALIAS, prompt="Hi", max_tokens=4).choices[0].text
     entrypoint.wait_for_line('"POST /v1/completions HTTP/1.1" 200')
+
+
+def test_chat_format_is_chosen_from_the_model_when_not_set(start_server):
+    """The test model's GGUF has no chat template: without `gemma` its answers come back empty."""
+    entrypoint = start_server(CHAT_FORMAT="")
+    entrypoint.wait_ready()
+    reply = client(entrypoint).chat.completions.create(
+        model=ALIAS, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=16)
+    assert reply.choices[0].message.content.strip()

@@ -1,13 +1,15 @@
 """Unit tests of the entrypoint's settings: precedence, validation and file choice."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import entrypoint
 from entrypoint import UserError, choose_files, load_config, quant_of
-from conftest import clean_environ, run_entrypoint, write_model_env
+from conftest import ROOT, clean_environ, run_entrypoint, write_model_env
 
 
 @pytest.fixture
@@ -27,7 +29,7 @@ def test_server_settings_pass_through_with_the_same_precedence(env_file):
     assert load_config({}, env_file)["N_BATCH"] == "256"
     config = load_config({"N_BATCH": "1024", "USE_MLOCK": "false"}, env_file)
     assert (config["N_BATCH"], config.sources["N_BATCH"]) == ("1024", "env")
-    assert config.extra == ["INTERRUPT_REQUESTS", "N_BATCH", "USE_MLOCK"]
+    assert config.extra == ["INTERRUPT_REQUESTS", "LOGITS_ALL", "N_BATCH", "USE_MLOCK"]
 
 
 def test_a_new_request_does_not_interrupt_others_by_default(env_file):
@@ -37,9 +39,10 @@ def test_a_new_request_does_not_interrupt_others_by_default(env_file):
 
 
 def test_an_empty_environment_value_still_wins(env_file):
-    """`docker run -e N_CTX=` sets the variable: it is taken, and then checked."""
-    with pytest.raises(UserError, match="N_CTX=''"):
-        load_config({"N_CTX": ""}, env_file)
+    """`docker run -e N_CTX=` sets the variable: it is taken (automatic), and checked."""
+    assert load_config({"N_CTX": ""}, env_file).sources["N_CTX"] == "env"
+    with pytest.raises(UserError, match="PORT=''"):
+        load_config({"PORT": ""}, env_file)
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -60,7 +63,7 @@ def test_model_env_mistakes_are_named(tmp_path, lines, message):
     ({"MODEL_FILE": "model.bin"}, "MODEL_FILE='model.bin' is not valid"),
     ({"MODEL_QUANT": "Q4 K"}, "MODEL_QUANT='Q4 K' is not valid"),
     ({"N_CTX": "abc"}, "N_CTX='abc' is not valid: expected a whole number of at least 1"),
-    ({"N_CTX": "0"}, "N_CTX='0' is not valid"),
+    ({"N_CTX": "0"}, "N_CTX='0' is not valid: .* or empty for automatic"),
     ({"N_THREADS": "-2"}, "N_THREADS='-2' is not valid: .* or empty for automatic"),
     ({"PORT": "70000"}, "PORT='70000' is not valid: expected a whole number from 1 to 65535"),
     ({"CHAT_FORMAT": "nope"}, "CHAT_FORMAT='nope' is not valid: .*chatml.*gemma"),
@@ -197,3 +200,50 @@ def test_pull_records_the_choice_for_offline_serving(pulled_home):
     assert '"gemma-3-270m-Q4_K_M.gguf"' in record
     snapshot = next((pulled_home / "hub/models--test-org--gemma-3-270m-GGUF/snapshots").iterdir())
     assert [p.name for p in snapshot.iterdir()] == ["gemma-3-270m-Q4_K_M.gguf"]
+
+
+def test_model_facts_come_from_the_gguf_header(model_path):
+    facts = entrypoint.model_facts([model_path])
+    assert (facts.architecture, facts.trained_context, facts.has_chat_template) == ("gemma3", 32768, False)
+    assert facts.size == model_path.stat().st_size
+    assert facts.kv_bytes_per_token > 0
+
+
+@pytest.mark.parametrize("memory, n_ctx, why", [
+    (64 << 30, "8192", "automatic: trained 32768, capped at 8192"),
+    (560 << 20, "2048", "automatic: trained 32768, capped at 8192, halved to fit memory"),
+])
+def test_automatic_context_is_capped_and_fits(model_path, monkeypatch, memory, n_ctx, why):
+    monkeypatch.setattr(entrypoint, "memory_limit", lambda: (memory, "test limit"))
+    assert entrypoint.automatic_context(entrypoint.model_facts([model_path])) == (n_ctx, why)
+
+
+def test_a_model_that_cannot_fit_names_the_numbers(model_path, monkeypatch):
+    monkeypatch.setattr(entrypoint, "memory_limit", lambda: (200 << 20, "cgroup limit memory.max"))
+    with pytest.raises(UserError, match=r"does not fit in memory \(model 0.2 GiB \+ context 4096 tokens .* "
+                                        r"cgroup limit memory.max 0.2 GiB\): choose a smaller MODEL_QUANT"):
+        entrypoint.check_memory(entrypoint.model_facts([model_path]), 4096)
+
+
+@pytest.mark.parametrize("architecture, name, repo, expected", [
+    ("gemma3", "Gemma 3 270m", "org/gemma-GGUF", "gemma"),
+    ("llama", "Meta Llama 3.1 8B Instruct", "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF", "llama-3"),
+    ("llama", "mistralai_mistral-7b-instruct-v0.2", "TheBloke/Mistral-7B-Instruct-v0.2-GGUF", "mistral-instruct"),
+    ("llama", "saiga_mistral_7b", "IlyaGusev/saiga_mistral_7b_gguf", "saiga"),
+    ("qwen2", "Qwen2.5 7B Instruct", "Qwen/Qwen2.5-7B-Instruct-GGUF", "chatml"),
+    ("phi3", "Phi 3", "org/phi-GGUF", ""),
+])
+def test_chat_format_follows_the_architecture_without_a_template(model_path, architecture, name, repo, expected):
+    facts = entrypoint.model_facts([model_path])
+    facts.architecture, facts.name = architecture, name
+    assert entrypoint.automatic_chat_format(facts, repo)[0] == expected
+    facts.has_chat_template = True
+    assert entrypoint.automatic_chat_format(facts, repo) == ("", "automatic: the GGUF's chat template")
+
+
+def test_taskset_limits_the_automatic_threads(tmp_path):
+    """A real affinity mask, as `docker run --cpuset-cpus` or a Kubernetes CPU manager sets it."""
+    env_file = write_model_env(tmp_path / "model.env", MODEL="TheBloke/Foo-7B-GGUF")
+    done = subprocess.run(["taskset", "-c", "0", sys.executable, str(ROOT / "entrypoint.py"), "config"],
+                          env=clean_environ(MODEL_ENV_FILE=str(env_file)), capture_output=True, text=True)
+    assert "N_THREADS=1  # automatic: affinity 1" in done.stdout.splitlines(), done.stdout + done.stderr
