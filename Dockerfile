@@ -25,6 +25,18 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
     && python3 -m venv /opt/venv \
     && CMAKE_ARGS="-DGGML_NATIVE=OFF" /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
 
+# One image, fast on every x86-64 CPU: llama.cpp's CPU backend built again for
+# AVX-512 and AVX-512 VNNI (Ice Lake, DataSphere's c1.x), from the sources the
+# pinned sdist vendors; the entrypoint loads the best build the CPU supports.
+COPY scripts/cpu-levels.sh /tmp/cpu-levels.sh
+RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
+    && /opt/venv/bin/pip download --no-cache-dir --no-deps --no-binary llama-cpp-python -d /tmp/sdist \
+        "$(grep '^llama-cpp-python==' /tmp/requirements.txt)" \
+    && tar -xzf /tmp/sdist/llama_cpp_python-*.tar.gz -C /tmp/sdist \
+    && /tmp/cpu-levels.sh /tmp/sdist/llama_cpp_python-*/vendor/llama.cpp \
+        /opt/venv/lib/python3.11/site-packages/llama_cpp/lib /opt/llama-cpu \
+    && rm -rf /tmp/sdist
+
 # localllm is not on PyPI: installed from git at a fixed commit (the last one).
 # Tests pass a local stand-in here; keep the default for real images.
 ARG LOCALLLM="local-llm @ git+https://github.com/GoogleCloudPlatform/localllm.git@2939bd32fa6b54a134d759176c66ad2036e034f8#subdirectory=local-llm"
@@ -48,7 +60,9 @@ RUN apt-get update \
     && mkdir -p /opt/models \
     && chown llm:llm /opt/models
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/llama-cpu /opt/llama-cpu
 ENV PATH=/opt/venv/bin:$PATH \
+    CPU_LEVELS_DIR=/opt/llama-cpu \
     HF_HOME=/opt/models \
     HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONUNBUFFERED=1

@@ -69,6 +69,8 @@ SETTINGS = {s.name: s for s in (
     Setting("PORT", "8000", "port the server listens on"),
     Setting("STOP_TIMEOUT", "10", "seconds to wait for the server to stop before SIGKILL"),
     Setting("VERIFY_MODEL_SHA256", "false", "hash the model at start and compare with the hub's SHA-256"),
+    Setting("CPU_LEVEL", "", "llama.cpp build to load (avx2, avx512, avx512_vnni); empty = best for this CPU",
+            auto=True),
 )}
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -174,6 +176,10 @@ def validate(config: Config, server_fields: dict) -> None:
     _positive_int(config, "N_THREADS_BATCH", allow_empty=True, upper=1024)
     _positive_int(config, "PORT", upper=65535)
     _positive_int(config, "STOP_TIMEOUT", upper=3600)
+    levels = installed_cpu_levels()
+    if config["CPU_LEVEL"] and config["CPU_LEVEL"] not in levels:
+        raise UserError(f"CPU_LEVEL={config['CPU_LEVEL']!r} is not valid: expected empty (automatic) or one of "
+                        f"{', '.join(levels) or 'none (this installation has only the default build)'}")
     if config["VERIFY_MODEL_SHA256"].lower() not in BOOLEANS:
         raise UserError(f"VERIFY_MODEL_SHA256={config['VERIFY_MODEL_SHA256']!r} is not valid: expected true or false")
     if config["CHAT_FORMAT"]:
@@ -243,6 +249,7 @@ def resolve_runtime(config: Config, model: "ModelFacts | None" = None) -> None:
     if not config["MODEL_ALIAS"]:
         config.values["MODEL_ALIAS"] = re.sub(r"(?i)-gguf$", "", config["MODEL"].split("/")[1])
         config.sources["MODEL_ALIAS"] = "automatic: repo name"
+    config.values["CPU_LEVEL"], config.sources["CPU_LEVEL"] = choose_cpu_level(config["CPU_LEVEL"])
     if model is None:
         for name in ("N_CTX", "CHAT_FORMAT"):
             if not config[name]:
@@ -253,6 +260,77 @@ def resolve_runtime(config: Config, model: "ModelFacts | None" = None) -> None:
     check_memory(model, int(config["N_CTX"]))
     if not config["CHAT_FORMAT"]:
         config.values["CHAT_FORMAT"], config.sources["CHAT_FORMAT"] = automatic_chat_format(model, config["MODEL"])
+
+
+# ------------------------------------------------------------- CPU level ---
+
+# What each folder's libggml-cpu.so was compiled for (scripts/cpu-levels.sh), best first.
+AVX2 = {"avx", "avx2", "fma", "f16c", "bmi2"}
+AVX512 = AVX2 | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
+CPU_LEVELS = {"avx512_vnni": AVX512 | {"avx512vbmi", "avx512_vnni"}, "avx512": AVX512, "avx2": AVX2}
+# CPUID bits: (leaf, subleaf, register index eax=0 ebx=1 ecx=2 edx=3, bit)
+CPUID_BITS = {"fma": (1, 0, 2, 12), "avx": (1, 0, 2, 28), "f16c": (1, 0, 2, 29), "avx2": (7, 0, 1, 5),
+              "bmi2": (7, 0, 1, 8), "avx512f": (7, 0, 1, 16), "avx512dq": (7, 0, 1, 17),
+              "avx512cd": (7, 0, 1, 28), "avx512bw": (7, 0, 1, 30), "avx512vl": (7, 0, 1, 31),
+              "avx512vbmi": (7, 0, 2, 1), "avx512_vnni": (7, 0, 2, 11)}
+
+
+def installed_cpu_levels() -> list[str]:
+    """Level folders the image holds (CPU_LEVELS_DIR); none outside the image."""
+    root = Path(os.environ.get("CPU_LEVELS_DIR", "/nonexistent"))
+    return sorted(p.name for p in root.glob("*") if (p / "libllama.so").exists())
+
+
+def cpu_features() -> set[str]:
+    """x86 features from the CPUID instruction itself, with XGETBV for the OS's
+    support of the AVX and AVX-512 registers. /proc/cpuinfo is not enough: under
+    qemu-user it describes the host, not the emulated CPU."""
+    import mmap
+    # cpuid(leaf, subleaf, uint32 out[4]) and xgetbv(index) -> uint64, x86-64 System V
+    cpuid_code = bytes.fromhex("5389f889f14989d00fa241890041895804418948084189500c5bc3")
+    xgetbv_code = bytes.fromhex("89f90f01d048c1e2204809d0c3")
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(cpuid_code + xgetbv_code)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    cpuid = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32 * 4))(base)
+    xgetbv = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint32)(base + len(cpuid_code))
+
+    def regs(leaf, subleaf):
+        out = (ctypes.c_uint32 * 4)()
+        cpuid(leaf, subleaf, ctypes.byref(out))
+        return list(out)
+
+    max_leaf = regs(0, 0)[0]
+    found = {name for name, (leaf, sub, reg, bit) in CPUID_BITS.items()
+             if leaf <= max_leaf and regs(leaf, sub)[reg] >> bit & 1}
+    osxsave = regs(1, 0)[2] >> 27 & 1
+    xcr0 = xgetbv(0) if osxsave else 0
+    if xcr0 & 0x6 != 0x6:  # the OS does not save the AVX registers
+        found -= AVX512 | {"avx", "avx2", "fma", "f16c"}
+    if xcr0 & 0xE0 != 0xE0:  # nor the AVX-512 ones
+        found -= AVX512 - AVX2 | {"avx512vbmi", "avx512_vnni"}
+    del cpuid, xgetbv
+    return found
+
+
+def choose_cpu_level(wanted: str) -> tuple[str, str]:
+    """The best installed level whose instructions this CPU has, or CPU_LEVEL."""
+    features = cpu_features()
+    missing = sorted(AVX2 - features)
+    if missing:
+        raise SystemExit(f"error: this CPU lacks {', '.join(missing)}: the image needs an x86-64 CPU with AVX2 "
+                         "(Intel Haswell or AMD Zen and newer)")
+    levels = installed_cpu_levels()
+    if wanted:
+        lacking = sorted(CPU_LEVELS.get(wanted, set()) - features)
+        if lacking:
+            raise UserError(f"CPU_LEVEL={wanted} needs {', '.join(lacking)}, which this CPU lacks: "
+                            "leave CPU_LEVEL empty to choose automatically")
+        return wanted, "set"
+    if not levels:
+        return "avx2", "automatic: the only build installed (llama-cpp-python's own libraries)"
+    best = next(level for level in CPU_LEVELS if level in levels and CPU_LEVELS[level] <= features)
+    return best, f"automatic: the best build for this CPU (of {', '.join(levels)})"
 
 
 # ---------------------------------------------------------- model facts ---
@@ -788,6 +866,8 @@ def server_env(config: Config, environ: dict[str, str]) -> dict[str, str]:
         if config[name]:
             env[name] = config[name]
     env["HF_HUB_OFFLINE"] = "1"  # the file is local now; serving must not touch the network
+    if config["CPU_LEVEL"] in installed_cpu_levels():
+        env["LLAMA_CPP_LIB_PATH"] = str(Path(os.environ["CPU_LEVELS_DIR"]) / config["CPU_LEVEL"])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), environ.get("PYTHONPATH")]))
     return env
 
@@ -852,7 +932,7 @@ def serve() -> None:
     command = llm("run", cfg["MODEL"], cfg["PORT"], "--host", "0.0.0.0", "--filename", first,
                   "--verbose", "--log-config", str(log_config))
     click.echo(f"Serving {cfg['MODEL']} ({first}) as {cfg['MODEL_ALIAS']!r} on port {cfg['PORT']} "
-               f"with {cfg['N_THREADS']} threads, context {cfg['N_CTX']}")
+               f"with {cfg['N_THREADS']} threads, context {cfg['N_CTX']}, {cfg['CPU_LEVEL']} build")
     env = server_env(cfg, dict(os.environ))
     sys.stdout.flush()
     sys.exit(Supervisor(command, env, int(cfg["STOP_TIMEOUT"])).run())

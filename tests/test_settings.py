@@ -1,6 +1,8 @@
 """Unit tests of the entrypoint's settings: precedence, validation and file choice."""
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +249,56 @@ def test_taskset_limits_the_automatic_threads(tmp_path):
     done = subprocess.run(["taskset", "-c", "0", sys.executable, str(ROOT / "entrypoint.py"), "config"],
                           env=clean_environ(MODEL_ENV_FILE=str(env_file)), capture_output=True, text=True)
     assert "N_THREADS=1  # automatic: affinity 1" in done.stdout.splitlines(), done.stdout + done.stderr
+
+
+def test_cpuid_reads_the_same_features_as_the_kernel():
+    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    assert entrypoint.cpu_features() == flags & set(entrypoint.CPUID_BITS)
+
+
+@pytest.fixture
+def levels_dir(tmp_path, monkeypatch):
+    for level in entrypoint.CPU_LEVELS:
+        (tmp_path / level).mkdir()
+        (tmp_path / level / "libllama.so").touch()
+    monkeypatch.setenv("CPU_LEVELS_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("features, level", [
+    (entrypoint.CPU_LEVELS["avx512_vnni"] | {"avx512_bf16"}, "avx512_vnni"),  # Ice Lake, Zen 4
+    (entrypoint.AVX512, "avx512"),  # Skylake-X, Cascade Lake
+    (entrypoint.AVX2, "avx2"),  # Haswell, Broadwell, Zen 1-3
+])
+def test_the_best_installed_build_the_cpu_supports_is_chosen(levels_dir, monkeypatch, features, level):
+    monkeypatch.setattr(entrypoint, "cpu_features", lambda: set(features))
+    assert entrypoint.choose_cpu_level("")[0] == level
+
+
+def test_a_forced_level_the_cpu_lacks_is_refused(levels_dir, monkeypatch):
+    monkeypatch.setattr(entrypoint, "cpu_features", lambda: set(entrypoint.AVX2))
+    with pytest.raises(UserError, match="CPU_LEVEL=avx512 needs avx512bw, avx512cd, avx512dq, avx512f, avx512vl"):
+        entrypoint.choose_cpu_level("avx512")
+
+
+QEMU = "qemu-x86_64-static"
+
+
+def under_qemu(cpu: str, levels_dir: Path) -> subprocess.CompletedProcess:
+    """The entrypoint's choice on an emulated CPU: CPUID answers for that CPU."""
+    code = "import entrypoint; print(entrypoint.choose_cpu_level('')[0])"
+    return subprocess.run([QEMU, "-cpu", cpu, sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "CPU_LEVELS_DIR": str(levels_dir)}, timeout=120)
+
+
+def test_an_avx2_cpu_gets_the_avx2_build(levels_dir):
+    done = under_qemu("Haswell", levels_dir)
+    assert (done.returncode, done.stdout.strip()) == (0, "avx2"), done.stderr
+
+
+def test_a_cpu_without_avx2_gets_a_clear_message(levels_dir):
+    done = under_qemu("Westmere", levels_dir)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: this CPU lacks avx, avx2, bmi2, f16c, fma: the image needs an x86-64 CPU with AVX2 "
+        "(Intel Haswell or AMD Zen and newer)")
