@@ -972,6 +972,7 @@ class CheckFailed(Exception):
 
 def check_open(url: str, headers: dict[str, str], timeout: float, body: dict | None = None):
     """Send one request; HTTP and network failures become one CheckFailed line."""
+    import http.client
     import urllib.error
     import urllib.request
     step = f"{'POST' if body else 'GET'} {url}"
@@ -984,7 +985,7 @@ def check_open(url: str, headers: dict[str, str], timeout: float, body: dict | N
         raise CheckFailed(f"{step}: HTTP {exc.code} {exc.reason}: {hint}" + (f" [{detail}]" if detail else "")) from None
     except urllib.error.URLError as exc:
         raise CheckFailed(f"{step}: {check_reason(exc.reason, timeout)}") from None
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, a server that is not HTTP
         raise CheckFailed(f"{step}: {check_reason(exc, timeout)}") from None
 
 
@@ -994,6 +995,9 @@ def check_reason(reason, timeout: float) -> str:
     if isinstance(reason, ConnectionRefusedError):
         return ("connection refused: nothing listens there (is the server running? "
                 "its port opens only once the model is loaded)")
+    import http.client
+    if isinstance(reason, http.client.HTTPException):
+        return f"not an HTTP answer: {reason!r}"
     return f"cannot connect: {reason}"
 
 
@@ -1030,6 +1034,8 @@ def run_check(base: str, headers: dict[str, str], timeout: float) -> None:
     with check_open(url, headers, timeout) as reply:
         try:
             models = [m["id"] for m in json.load(reply)["data"]]
+        except OSError as exc:
+            raise CheckFailed(f"GET {url}: {check_reason(exc, timeout)}") from None
         except (ValueError, KeyError, TypeError):
             raise CheckFailed(f"GET {url}: HTTP {reply.status} but not an OpenAI model list") from None
     if not models:

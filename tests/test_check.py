@@ -1,0 +1,119 @@
+"""`entrypoint.py check`, the client users run against a container or a DataSphere
+node: against the real server, directly and through a stand-in for node-api that
+insists on DataSphere's headers (tests/nodeapi_standin.py), and against failures."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import ALIAS, ROOT, free_port
+from nodeapi_standin import NodeApiStandin
+
+
+def check(*args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "YC_IAM_TOKEN"}
+    return subprocess.run([sys.executable, str(ROOT / "entrypoint.py"), "check", *args], env={**environ, **env},
+                          capture_output=True, text=True, timeout=180)
+
+
+def one_error_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+def test_check_passes_and_prints_the_figures(server, report):
+    done = check(server.url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(rf"^models: HTTP 200 in [\d.]+ s, model '{ALIAS}'$", done.stdout, re.M), done.stdout
+    chat = re.search(r"^chat: HTTP 200, first token after ([\d.]+) s, (\d+) tokens at ([\d.]+) tokens/s, "
+                     r"total ([\d.]+) s$", done.stdout, re.M)
+    assert chat, done.stdout
+    assert done.stdout.splitlines()[-1] == f"ok: {server.url} serves '{ALIAS}'"
+    report("check against the test server", chat.group(0))
+
+
+def test_a_url_ending_in_v1_works_too(server):
+    assert check(server.url + "/v1/").returncode == 0
+
+
+def test_closed_port_is_one_line(server):
+    done = check(f"http://127.0.0.1:{free_port()}")
+    assert "connection refused" in one_error_line(done)
+    assert done.stdout == ""
+
+
+def test_a_silent_server_is_a_timeout():
+    with socket.socket() as silent:  # accepts connections (backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        done = check(f"http://127.0.0.1:{silent.getsockname()[1]}", "--timeout", "0.5")
+    assert "no answer within 0.5 s (--timeout)" in one_error_line(done)
+
+
+def test_a_server_that_is_not_http():
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+
+        def answer() -> None:
+            conn, _ = other.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        done = check(f"http://127.0.0.1:{other.getsockname()[1]}", "--timeout", "5")
+    assert "not an HTTP answer" in one_error_line(done)
+
+
+@pytest.mark.parametrize("option, header", [
+    (["--node-id", "bt1node"], ("x-node-id", "bt1node")),
+    (["--alias", "llm"], ("x-node-alias", "datasphere.user.llm")),
+])
+def test_header_mode_passes_through_node_api(server, option, header):
+    with NodeApiStandin(server.url) as node_api:
+        done = check(node_api.url, *option, "--folder-id", "b1gfolder", YC_IAM_TOKEN="t1.token")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(node_api.requests) == 2  # the model list and the streamed chat
+    for sent in node_api.requests:
+        assert sent[header[0]] == header[1]
+        assert sent["x-folder-id"] == "b1gfolder"
+        assert sent["authorization"] == "Bearer t1.token"
+
+
+def test_missing_token_is_the_401_line(server):
+    with NodeApiStandin(server.url) as node_api:
+        line = one_error_line(check(node_api.url, "--node-id", "bt1node", "--folder-id", "b1gfolder"))
+    assert "HTTP 401 Unauthorized: the token or key is missing or refused" in line
+    assert "YC_IAM_TOKEN" in line
+
+
+def test_node_api_503_is_the_not_ready_line():
+    with NodeApiStandin("http://127.0.0.1:9", status=503) as node_api:
+        line = one_error_line(check(node_api.url, "--alias", "llm", "--folder-id", "f", "--iam-token", "t"))
+    assert "HTTP 503 Service Unavailable: not ready: the model is still loading" in line
+
+
+def test_api_key_of_the_server(start_server):
+    entrypoint = start_server(API_KEY="sk-test-key")
+    entrypoint.wait_for_line("Running ", timeout=120)
+    assert check(entrypoint.url, "--api-key", "sk-test-key").returncode == 0
+    assert "HTTP 401" in one_error_line(check(entrypoint.url))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iam-token", "t", "--api-key", "k"], "not both"),
+    (["--node-id", "n"], "need --folder-id"),
+    (["--node-id", "n", "--alias", "a", "--folder-id", "f"], "--node-id or --alias, not both"),
+])
+def test_contradictory_options_are_usage_errors(args, message):
+    done = check("http://127.0.0.1:9", *args)
+    assert done.returncode == 2 and message in done.stderr
