@@ -339,6 +339,10 @@ GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7
 GGUF_STRING, GGUF_ARRAY = 8, 9
 
 
+class ArrayLength(int):
+    """A long GGUF array (such as the vocabulary) read only for its length."""
+
+
 def read_gguf_metadata(path: Path) -> dict:
     """The key-value header of a GGUF file (not the tensors). Arrays are kept only
     when short (the vocabulary is skipped), so this takes a fraction of a second."""
@@ -357,9 +361,9 @@ def read_gguf_metadata(path: Path) -> dict:
             item, count = unpack("<I"), unpack("<Q")
             if item in GGUF_SCALARS and count > 64:
                 f.seek(count * struct.calcsize(GGUF_SCALARS[item]), 1)
-                return None
+                return ArrayLength(count)
             items = [value(item) for _ in range(count)]
-            return items if count <= 64 else None
+            return items if count <= 64 else ArrayLength(count)
         return unpack(GGUF_SCALARS[kind])
 
     with path.open("rb") as f:
@@ -378,6 +382,7 @@ class ModelFacts:
     trained_context: int
     kv_bytes_per_token: int  # f16 K and V over all layers
     has_chat_template: bool
+    vocabulary: int
 
 
 def model_facts(paths: list[Path]) -> ModelFacts:
@@ -396,7 +401,12 @@ def model_facts(paths: list[Path]) -> ModelFacts:
     value_len = number("attention.value_length", key_len)
     kv = number("block_count") * n_head_kv * (key_len + value_len) * 2
     return ModelFacts(first, size, arch, meta.get("general.name", ""), number("context_length", 2048), kv,
-                      bool(meta.get("tokenizer.chat_template")))
+                      bool(meta.get("tokenizer.chat_template")), vocabulary_size(meta))
+
+
+def vocabulary_size(meta: dict) -> int:
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    return len(tokens) if isinstance(tokens, list) else int(tokens)
 
 
 CONTEXT_CAP = 8192  # long enough for chat and RAG prompts; more only when asked (N_CTX)
@@ -417,8 +427,10 @@ def memory_limit() -> tuple[int, str]:
 
 
 def memory_needed(model: ModelFacts, n_ctx: int) -> int:
-    """Model file (mapped) + KV cache + a reserve for compute buffers."""
-    return model.size + n_ctx * model.kv_bytes_per_token + max(256 << 20, model.size // 10)
+    """Model file (mapped) + KV cache + compute buffers, whose largest part is the
+    logits of a 512-token batch (float32 per vocabulary entry; 512 MiB for Gemma's
+    262k tokens) + 128 MiB for the rest."""
+    return model.size + n_ctx * model.kv_bytes_per_token + 512 * model.vocabulary * 4 + (128 << 20)
 
 
 def automatic_context(model: ModelFacts) -> tuple[str, str]:

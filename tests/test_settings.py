@@ -208,12 +208,13 @@ def test_model_facts_come_from_the_gguf_header(model_path):
     facts = entrypoint.model_facts([model_path])
     assert (facts.architecture, facts.trained_context, facts.has_chat_template) == ("gemma3", 32768, False)
     assert facts.size == model_path.stat().st_size
-    assert facts.kv_bytes_per_token > 0
+    assert facts.kv_bytes_per_token == 18 * 1 * (256 + 256) * 2  # layers x KV heads x (K + V dims) x f16
+    assert facts.vocabulary == 262144
 
 
 @pytest.mark.parametrize("memory, n_ctx, why", [
     (64 << 30, "8192", "automatic: trained 32768, capped at 8192"),
-    (560 << 20, "2048", "automatic: trained 32768, capped at 8192, halved to fit memory"),
+    (930 << 20, "2048", "automatic: trained 32768, capped at 8192, halved to fit memory"),
 ])
 def test_automatic_context_is_capped_and_fits(model_path, monkeypatch, memory, n_ctx, why):
     monkeypatch.setattr(entrypoint, "memory_limit", lambda: (memory, "test limit"))
