@@ -300,8 +300,68 @@ def test_server_runs_as_non_root_and_listens_only_on_its_port(container):
     assert listening == {PORT}
 
 
+def test_the_best_cpu_build_for_this_machine_is_loaded(container):
+    import entrypoint
+    features = entrypoint.cpu_features()
+    expected = next(level for level, needs in entrypoint.CPU_LEVELS.items() if needs <= features)
+    (server,) = container.processes("llama_cpp.server.app")
+    environ = Path(f"/proc/{server}/environ").read_bytes().split(b"\0")
+    assert f"LLAMA_CPP_LIB_PATH=/opt/llama-cpu/{expected}".encode() in environ
+    assert f"opt/llama-cpu/{expected}/libggml-cpu.so" in Path(f"/proc/{server}/maps").read_text()
+    assert f"{expected} build" in container.output()
+
+
+EMULATED_RUN = """
+import os, sys
+sys.path.insert(0, "/app")
+import entrypoint
+level = os.environ.get("FORCE_LEVEL") or entrypoint.choose_cpu_level("")[0]
+os.environ["LLAMA_CPP_LIB_PATH"] = f"/opt/llama-cpu/{level}"
+print("level", level, flush=True)
+from llama_cpp import Llama
+config = entrypoint.load()  # the image's model.env
+(name,) = entrypoint.recorded_files(config)
+llm = Llama(str(entrypoint.cached_path(config["MODEL"], name)), n_ctx=64, n_threads=2, verbose=False)
+print("generated", llm.create_completion("Hello", max_tokens=2)["usage"]["completion_tokens"], flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def image_root(images):
+    """The served image's file system, with qemu-user copied in to emulate older CPUs."""
+    name = buildah("from", images.served).stdout.strip()
+    try:
+        root = Path(buildah("mount", name).stdout.strip())
+        shutil.copy(shutil.which("qemu-x86_64-static"), root / "tmp/qemu")
+        yield root, inspect(images.served)["Docker"]["config"]
+    finally:
+        buildah("umount", name, check=False)
+        buildah("rm", name, check=False)
+
+
+def run_emulated(image_root, cpu: str, **env: str) -> subprocess.CompletedProcess:
+    root, config = image_root
+    environ = dict(entry.split("=", 1) for entry in config["Env"])
+    return subprocess.run(["chroot", "--userspec=1000:1000", str(root), "/tmp/qemu", "-cpu", cpu,
+                           "/opt/venv/bin/python3", "-c", EMULATED_RUN], env={**environ, **env},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_an_avx2_cpu_runs_the_image_with_the_avx2_build(image_root):
+    """qemu -cpu Haswell: AVX2 but no AVX-512. The model loads and generates."""
+    done = run_emulated(image_root, "Haswell")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["level avx2", "generated 2"]
+
+
+def test_the_avx512_build_would_die_on_that_cpu(image_root):
+    """The control: why the choice matters (illegal instruction, signal 4)."""
+    done = run_emulated(image_root, "Haswell", FORCE_LEVEL="avx512_vnni")
+    assert done.returncode in (-4, 128 + 4), (done.returncode, done.stdout, done.stderr[-2000:])
+
+
 def test_sigterm_stops_the_container(container):
-    """`docker stop` sends SIGTERM to the container's main process."""
+    """`docker stop` sends SIGTERM to the container's main process. Last: it ends the container."""
     entrypoints = container.processes("/app/entrypoint.py serve")
     main = [pid for pid in entrypoints if command_line(pid).split()[0].endswith(("/python", "/python3"))]
     assert len(main) == 1, [command_line(pid) for pid in entrypoints]
