@@ -411,37 +411,32 @@ def medians(samples: dict) -> dict:
 
 
 def measure_servers(reps: int, threads: int, bench: Path, model: Path, ban: list[int]) -> dict:
-    """All variants' servers up at once (idle ones cost nothing), then round-robin
-    over them and llama-bench, starting one later each repetition."""
+    """Each repetition goes round-robin over the variants and llama-bench, starting one
+    later each time. One server runs at a time: even idle, an entrypoint wakes up five
+    times a second to watch its server, which would disturb the others' measurements."""
     plan = variants(threads)
-    servers: dict[str, Server] = {}
+    items = [*plan, ("llama-bench", None, ())]
     samples: dict = {}
-    try:
-        for name, settings, _ in plan:
-            servers[name] = Server(name, settings)
-            servers[name].wait_ready()  # one at a time: loads do not compete
-            log(f"server {name} ready")
-        for server in servers.values():  # warm-up, not measured
-            measure_pp(server)
-            measure_tg(server, ban)
-        items = [*plan, ("llama-bench", None, ())]
-        for rep in range(reps):
-            log(f"repetition {rep + 1}/{reps}, load average {os.getloadavg()[0]:.1f}")
-            shift = rep % len(items)
-            for name, _, what in items[shift:] + items[:shift]:
-                if name == "llama-bench":
-                    add(samples, name, undisturbed(lambda: run_llama_bench(bench, model, threads)))
-                    continue
-                server = servers[name]
+    for rep in range(reps):
+        log(f"repetition {rep + 1}/{reps}, load average {os.getloadavg()[0]:.1f}")
+        shift = rep % len(items)
+        for name, settings, what in items[shift:] + items[:shift]:
+            if name == "llama-bench":
+                add(samples, name, undisturbed(lambda: run_llama_bench(bench, model, threads)))
+                continue
+            server = Server(name, settings)
+            try:
+                server.wait_ready()
+                measure_pp(server)  # warm-up, not measured
+                server.stream({"prompt": STORY, "max_tokens": 8})
                 tests = {"pp": lambda: measure_pp(server), "tg": lambda: measure_tg(server, ban),
                          "tg_free": lambda: {f"free_{k}": v for k, v in measure_tg(server, None).items()}}
                 for test in what:
                     figures = undisturbed(tests[test], server.pids)
                     figures[f"{test}_others"] = figures.pop("others")
                     add(samples, name, figures)
-    finally:
-        for server in servers.values():
-            server.close()
+            finally:
+                server.close()
     return samples
 
 

@@ -23,7 +23,8 @@ TEXT = {
             "pp_ratio": "API prompt processing at least {t:.2f} of `llama-bench` pp512: **{v:.2f}, {m}**.",
             "tg_overhead_ms": "Generation overhead at most {t:.1f} ms per token: **{v:.2f} ms, {m}**.",
             "threads": "Automatic threads within 5% of the best of the sweep: **{v:.2f} of the best, {m}**.",
-            "portable": "Portable build at least {t:.2f} of `-march=native`: **{v:.2f} (the lower of pp and tg), {m}**.",
+            "portable": ("Portable build at least {t:.2f} of `-march=native`: "
+                         "**{v:.2f} (the lower of pp and tg), {m}**."),
             "cold_start": "Cold start at most the bare load plus {t:.1f} s: **bare + {v:.2f} s, {m}**.",
         },
         "met": "met", "missed": "missed", "missed_by": "missed by {}",
@@ -65,18 +66,19 @@ TEXT = {
         ],
         "method": "How it is measured",
         "method_text": (
-            "Every server is started first, one at a time, through `entrypoint.py serve` exactly as the image "
-            "runs it (offline, from a hub cache filled by `entrypoint.py pull`), and given one unmeasured "
-            "request. Then each repetition goes round-robin over all of them and `llama-bench`, starting one "
-            "place later each time; idle servers use no CPU. Each measurement waits (at most 5 minutes) until "
-            "other jobs use under 10% of the CPUs, and is taken again (4 tries at most, the least disturbed "
-            "kept) when they used more while it ran: on 2 cores even a short compile job slows llama.cpp's "
-            "threads, which wait for each other, several times over. Waiting is bounded (40 minutes in the "
-            "whole run); after that, each measurement is taken once, as things are. The share other jobs "
-            "used is kept with each sample (CPU time of the whole machine, steal included, minus that of the benchmark, its "
-            "servers and llama-bench). Cold starts and bare loads alternate afterwards, "
-            "with no other server running. Every wait has a deadline and every process the benchmark starts is "
-            "stopped at the end. The full samples are in the JSON file."),
+            "Each repetition goes round-robin over the server variants and `llama-bench`, starting one place "
+            "later each time. Each server is started through `entrypoint.py serve` exactly as the image runs it "
+            "(offline, from a hub cache filled by `entrypoint.py pull`), given one unmeasured request, measured "
+            "and stopped: one server runs at a time, because even an idle entrypoint wakes up five times a second"
+            " to watch its server (about 1% of a CPU), which would disturb the others. Each measurement waits (at"
+            " most 5 minutes) until other jobs use under 10% of the CPUs, and is taken again (4 tries at most, "
+            "the least disturbed kept) when they used more while it ran: on 2 cores even a short compile job "
+            "slows llama.cpp's threads, which wait for each other, several times over. Waiting is bounded (40 "
+            "minutes in the whole run); after that, each measurement is taken once, as things are. The share "
+            "other jobs used is kept with each sample (CPU time of the whole machine, steal included, minus that "
+            "of the benchmark, its servers and llama-bench). Cold starts and bare loads alternate afterwards. "
+            "Every wait has a deadline and every process the benchmark starts is stopped at the end. The full "
+            "samples are in the JSON file."),
     },
     "ru": {
         "nav": "[English version](../en/performance.md) · [Настройка](configuration.md)",
@@ -142,18 +144,19 @@ TEXT = {
         ],
         "method": "Как измеряется",
         "method_text": (
-            "Сначала по одному запускаются все серверы — через `entrypoint.py serve`, ровно как в образе "
-            "(без сети, из кеша hub, заполненного `entrypoint.py pull`), — и каждый получает один неучитываемый "
-            "запрос. Затем каждый повтор по кругу обходит их все и `llama-bench`, с каждым повтором начиная на "
-            "одну позицию дальше; простаивающие серверы CPU не занимают. Каждый замер ждёт (не дольше 5 минут), "
-            "пока другие задачи не станут занимать меньше 10% CPU, и повторяется (не больше 4 попыток, "
-            "остаётся наименее искажённая), если они заняли больше, пока он шёл: на 2 ядрах даже короткая "
-            "компиляция в разы замедляет потоки llama.cpp, которые ждут друг друга. Ожидание ограничено (40 минут на весь "
-            "прогон), после этого каждый замер делается один раз, как есть. Доля CPU, занятая другими "
-            "задачами, сохраняется с каждым замером (время CPU всей машины, включая steal, минус время "
-            "бенчмарка, его серверов и llama-bench). После этого чередуются холодные старты "
-            "и голые загрузки, других серверов в это время нет. У каждого ожидания есть предельный срок, все "
-            "запущенные бенчмарком процессы в конце останавливаются. Все отдельные замеры — в файле JSON."),
+            "Каждый повтор по кругу обходит варианты сервера и `llama-bench`, с каждым повтором начиная на одну "
+            "позицию дальше. Каждый сервер запускается через `entrypoint.py serve` ровно как в образе (без сети, "
+            "из кеша hub, заполненного `entrypoint.py pull`), получает один неучитываемый запрос, измеряется и "
+            "останавливается: одновременно работает только один сервер, потому что даже простаивающая точка входа"
+            " пять раз в секунду просыпается проверить свой сервер (около 1% одного CPU) и мешала бы замерам "
+            "остальных. Каждый замер ждёт (не дольше 5 минут), пока другие задачи не станут занимать меньше 10% "
+            "CPU, и повторяется (не больше 4 попыток, остаётся наименее искажённая), если они заняли больше, пока"
+            " он шёл: на 2 ядрах даже короткая компиляция в разы замедляет потоки llama.cpp, которые ждут друг "
+            "друга. Ожидание ограничено (40 минут на весь прогон), после этого каждый замер делается один раз, "
+            "как есть. Доля CPU, занятая другими задачами, сохраняется с каждым замером (время CPU всей машины, "
+            "включая steal, минус время бенчмарка, его серверов и llama-bench). Затем чередуются холодные старты "
+            "и голые загрузки. У каждого ожидания есть предельный срок, все запущенные бенчмарком процессы в "
+            "конце останавливаются. Все отдельные замеры — в файле JSON."),
     },
 }
 
