@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import math
 import os
 import re
@@ -29,9 +28,10 @@ from pathlib import Path
 
 import click
 
+from inside_server import uvicorn_log_config
+
 HERE = Path(__file__).resolve().parent
 MODEL_ENV_DEFAULT = HERE / "model.env"
-READY_LINE = "Uvicorn running on"
 # The health path: llama-cpp-python's server only listens once the model is loaded,
 # and this route needs no API key and, unlike /v1/models, does not wait for the
 # model lock, so a long generation cannot make a busy node look dead.
@@ -172,6 +172,11 @@ def validate(config: Config, server_fields: dict) -> None:
         raise UserError(f"MODEL_QUANT={config['MODEL_QUANT']!r} is not valid: "
                         "expected a quantisation name such as Q4_K_M, Q5_K_M or Q8_0")
     _positive_int(config, "N_CTX", allow_empty=True)
+    if config["N_CTX"] and int(config["N_CTX"]) % CONTEXT_STEP:
+        near = max(CONTEXT_STEP, int(config["N_CTX"]) // CONTEXT_STEP * CONTEXT_STEP)
+        raise UserError(f"N_CTX={config['N_CTX']!r} is not valid: expected a multiple of {CONTEXT_STEP} such as "
+                        f"{near} or {near + CONTEXT_STEP} (llama.cpp sizes the context in steps of {CONTEXT_STEP}), "
+                        "or empty for automatic")
     _positive_int(config, "N_THREADS", allow_empty=True, upper=1024)
     _positive_int(config, "N_THREADS_BATCH", allow_empty=True, upper=1024)
     _positive_int(config, "PORT", upper=65535)
@@ -410,6 +415,9 @@ def vocabulary_size(meta: dict) -> int:
 
 
 CONTEXT_CAP = 8192  # long enough for chat and RAG prompts; more only when asked (N_CTX)
+# llama.cpp pads the context to a multiple of this, and llama-cpp-python 0.3.36 then
+# fails (a 500) on prompts between the size asked for and the padded one.
+CONTEXT_STEP = 256
 
 
 def memory_limit() -> tuple[int, str]:
@@ -434,13 +442,14 @@ def memory_needed(model: ModelFacts, n_ctx: int) -> int:
 
 
 def automatic_context(model: ModelFacts) -> tuple[str, str]:
-    """The trained context capped at CONTEXT_CAP, halved until it fits (not below 512)."""
+    """The trained context capped at CONTEXT_CAP, halved until it fits (not below 512),
+    in whole CONTEXT_STEPs."""
     limit, _ = memory_limit()
-    n_ctx = min(model.trained_context, CONTEXT_CAP)
+    n_ctx = start = max(CONTEXT_STEP, min(model.trained_context, CONTEXT_CAP) // CONTEXT_STEP * CONTEXT_STEP)
     while n_ctx > 512 and memory_needed(model, n_ctx) > limit:
-        n_ctx //= 2
+        n_ctx = max(512, n_ctx // 2 // CONTEXT_STEP * CONTEXT_STEP)
     why = f"automatic: trained {model.trained_context}, capped at {CONTEXT_CAP}"
-    if n_ctx < min(model.trained_context, CONTEXT_CAP):
+    if n_ctx < start:
         why += ", halved to fit memory"
     return str(n_ctx), why
 
@@ -695,52 +704,6 @@ def files_to_serve(config: Config) -> dict[str, dict]:
 
 # ------------------------------------------------------- the server's log ---
 
-_handed_off = False
-
-
-class HandoffStreamHandler(logging.StreamHandler):
-    """Runs inside the server. Writes to stdout, the pipe `llm run` reads, up to
-    and including the ready line; then points the server's stdout and stderr at
-    the supervisor's log pipe, because nobody reads `llm run`'s pipe afterwards."""
-
-    def __init__(self, target: str):
-        super().__init__(sys.stdout)
-        self.target = target
-
-    def emit(self, record: logging.LogRecord) -> None:
-        global _handed_off
-        super().emit(record)
-        if not _handed_off and READY_LINE in record.getMessage():
-            self.flush()
-            fd = os.open(self.target, os.O_WRONLY)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.close(fd)
-            _handed_off = True
-
-
-def uvicorn_log_config(target: str) -> dict:
-    """uvicorn logging: start-up lines reach `llm run`, later lines reach us."""
-    handler = {"()": f"{Path(__file__).stem}.HandoffStreamHandler", "target": target}
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {
-            "default": {"()": "uvicorn.logging.DefaultFormatter",
-                        "fmt": "%(asctime)s %(levelprefix)s %(message)s", "use_colors": False},
-            "access": {"()": "uvicorn.logging.AccessFormatter", "use_colors": False,
-                       "fmt": '%(asctime)s %(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'},
-        },
-        "handlers": {"default": {**handler, "formatter": "default"},
-                     "access": {**handler, "formatter": "access"}},
-        "loggers": {
-            "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
-            "uvicorn.error": {"level": "INFO"},
-            "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
-        },
-    }
-
-
 def scratch_dir() -> Path:
     """A private folder for the one file we write (uvicorn's log config): the usual
     temporary folder, else /dev/shm, which Docker and Kubernetes keep writable
@@ -880,7 +843,9 @@ def server_env(config: Config, environ: dict[str, str]) -> dict[str, str]:
     env["HF_HUB_OFFLINE"] = "1"  # the file is local now; serving must not touch the network
     if config["CPU_LEVEL"] in installed_cpu_levels():
         env["LLAMA_CPP_LIB_PATH"] = str(Path(os.environ["CPU_LEVELS_DIR"]) / config["CPU_LEVEL"])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), environ.get("PYTHONPATH")]))
+    # Streams in flight at a stop may finish until then; the supervisor kills at STOP_TIMEOUT - 1.5 s.
+    env["UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN"] = str(max(1, int(config["STOP_TIMEOUT"]) - 3))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), environ.get("PYTHONPATH")]))  # inside_server
     return env
 
 

@@ -43,6 +43,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import entrypoint  # noqa: E402
+import inside_server  # noqa: E402
 from hub_standin import HubStandin  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "localllm-bench"
@@ -473,7 +474,7 @@ def measure_cold(reps: int, threads: int, model: Path, level_dir: Path) -> dict:
             server.close()
         serving = server.line_after("Serving ")  # the entrypoint hands over to `llm run`
         loaded = server.line_after("Started server process")  # uvicorn: app (and model) loaded
-        listening = server.line_after(entrypoint.READY_LINE)
+        listening = server.line_after(inside_server.READY_LINE)
         return {"ready_s": ready, "entrypoint_s": serving, "to_server_loaded_s": loaded - serving,
                 "loaded_to_listening_s": listening - loaded, "listening_to_200_s": ready - listening}
 

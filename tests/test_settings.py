@@ -1,6 +1,8 @@
 """Unit tests of the entrypoint's settings: precedence, validation and file choice."""
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import re
 import subprocess
@@ -66,6 +68,7 @@ def test_model_env_mistakes_are_named(tmp_path, lines, message):
     ({"MODEL_QUANT": "Q4 K"}, "MODEL_QUANT='Q4 K' is not valid"),
     ({"N_CTX": "abc"}, "N_CTX='abc' is not valid: expected a whole number of at least 1"),
     ({"N_CTX": "0"}, "N_CTX='0' is not valid: .* or empty for automatic"),
+    ({"N_CTX": "300"}, r"N_CTX='300' is not valid: expected a multiple of 256 such as 256 or 512 \(llama.cpp"),
     ({"N_THREADS": "-2"}, "N_THREADS='-2' is not valid: .* or empty for automatic"),
     ({"PORT": "70000"}, "PORT='70000' is not valid: expected a whole number from 1 to 65535"),
     ({"CHAT_FORMAT": "nope"}, "CHAT_FORMAT='nope' is not valid: .*chatml.*gemma"),
@@ -219,6 +222,17 @@ def test_model_facts_come_from_the_gguf_header(model_path):
 def test_automatic_context_is_capped_and_fits(model_path, monkeypatch, memory, n_ctx, why):
     monkeypatch.setattr(entrypoint, "memory_limit", lambda: (memory, "test limit"))
     assert entrypoint.automatic_context(entrypoint.model_facts([model_path])) == (n_ctx, why)
+
+
+def test_automatic_context_keeps_to_whole_steps_of_256(model_path, monkeypatch):
+    """llama.cpp pads to 256 and llama-cpp-python then fails on prompts in between."""
+    facts = dataclasses.replace(entrypoint.model_facts([model_path]), trained_context=3000)
+    monkeypatch.setattr(entrypoint, "memory_limit", lambda: (64 << 30, "test limit"))
+    assert entrypoint.automatic_context(facts) == ("2816", "automatic: trained 3000, capped at 8192")
+    room_for_1280 = entrypoint.memory_needed(facts, 1280)  # 2816 halved is 1408: down to a step
+    monkeypatch.setattr(entrypoint, "memory_limit", lambda: (room_for_1280, "test limit"))
+    assert entrypoint.automatic_context(facts) == ("1280", "automatic: trained 3000, capped at 8192, "
+                                                           "halved to fit memory")
 
 
 def test_a_model_that_cannot_fit_names_the_numbers(model_path, monkeypatch):

@@ -1,0 +1,359 @@
+"""Code that runs inside the model server process, not in the entrypoint.
+
+`llm run` starts the server as `uvicorn --factory llama_cpp.server.app:create_app
+--log-config FILE` and takes no other options, so the log config is the one way
+in: uvicorn applies it before it imports the app. It brings in:
+- HandoffStreamHandler: the server's log reaches the container's log after `llm run`
+  has returned (see ../shared/localllm-contract.md, "Consequences for a container").
+- RequestGuard: checks each request before llama-cpp-python 0.3.36 sees it, so bad
+  input gets a 400 that names the field instead of a 500, or a crash of the whole
+  shared server (a grammar that does not parse, a token id outside the vocabulary).
+- Draining on stop: streams in flight may finish within the grace period instead of
+  being cut the moment SIGTERM arrives (sse-starlette's default).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+READY_LINE = "Uvicorn running on"
+MAX_BODY_BYTES = 16 << 20  # far above any prompt that fits a context; a bound on what one request can make us hold
+# Fields the OpenAPI schema lets be null, which llama-cpp-python passes on as None to
+# llama.cpp's sampler (a ctypes TypeError, a 500): null means "the default" in OpenAI's API.
+NULL_MEANS_DEFAULT = ("frequency_penalty", "presence_penalty")
+# How pydantic names a union's members in an error's location: classes, generic types, plain types.
+UNION_MEMBER = re.compile(r"[A-Z]|.*\[|(str|int|float|bool|none)$")
+
+
+# ------------------------------------------------------------------ the log ---
+
+_handed_off = False
+
+
+class HandoffStreamHandler(logging.StreamHandler):
+    """Writes to stdout, the pipe `llm run` reads, up to and including the ready
+    line; then points the server's stdout and stderr at the supervisor's log pipe,
+    because nobody reads `llm run`'s pipe afterwards."""
+
+    def __init__(self, target: str):
+        super().__init__(sys.stdout)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        global _handed_off
+        super().emit(record)
+        if not _handed_off and READY_LINE in record.getMessage():
+            self.flush()
+            fd = os.open(self.target, os.O_WRONLY)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+            _handed_off = True
+
+
+def uvicorn_log_config(target: str) -> dict:
+    """uvicorn's logging: start-up lines reach `llm run`, later lines reach the
+    supervisor; the `guard` filter installs the rest of this module when applied."""
+    handler = {"()": f"{__name__}.HandoffStreamHandler", "target": target}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"guard": {"()": f"{__name__}.install"}},
+        "formatters": {
+            "default": {"()": "uvicorn.logging.DefaultFormatter",
+                        "fmt": "%(asctime)s %(levelprefix)s %(message)s", "use_colors": False},
+            "access": {"()": "uvicorn.logging.AccessFormatter", "use_colors": False,
+                       "fmt": '%(asctime)s %(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'},
+        },
+        "handlers": {"default": {**handler, "formatter": "default"},
+                     "access": {**handler, "formatter": "access"}},
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+        },
+    }
+
+
+def install() -> logging.Filter:
+    """Applied by uvicorn's log config before the app is imported: wrap the app the
+    factory makes in RequestGuard, and let streams drain on stop (uvicorn then waits
+    for them up to UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN, which the entrypoint sets)."""
+    import llama_cpp.server.app as server_app
+    from sse_starlette.sse import AppStatus
+
+    make_app = server_app.create_app
+
+    def create_guarded_app(*args, **kwargs):
+        app = make_app(*args, **kwargs)
+        model = ServedModel.of(server_app._llama_proxy._current_model)
+        return RequestGuard(app, model)
+
+    server_app.create_app = create_guarded_app
+    refuse_unparsed_grammars()
+    AppStatus.disable_automatic_graceful_drain()
+    return logging.Filter()  # a filter in name only: it lets every record through
+
+
+def refuse_unparsed_grammars() -> None:
+    """A safety net under RequestGuard's grammar check: grammars the server builds
+    itself (from response_format or tools JSON schemas) raise an error when llama.cpp
+    cannot parse them, instead of being added to the sampler as NULL (a SIGSEGV)."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaSampler
+
+    def add_grammar(self, model, grammar) -> None:
+        sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar._grammar.encode(), grammar._root.encode())
+        if not sampler:
+            raise ValueError("llama.cpp cannot parse the grammar made for this request")
+        llama_cpp.llama_sampler_chain_add(self.sampler, sampler)
+
+    LlamaSampler.add_grammar = add_grammar
+
+
+# ---------------------------------------------------------- request checks ---
+
+class BadRequest(Exception):
+    """A request the model server must not run: answered with `status` and an
+    OpenAI-style error naming `param`."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+    def body(self) -> bytes:
+        return json.dumps({"error": {"message": str(self), "type": "invalid_request_error",
+                                     "param": self.param, "code": None}}).encode()
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the checks need to know about the loaded model. Both methods only read the
+    vocabulary, so they are safe while another request generates."""
+    vocabulary: int
+    logits_all: bool
+    embeddings: bool
+    llama: object  # llama_cpp.Llama
+
+    @classmethod
+    def of(cls, llama) -> "ServedModel":
+        return cls(llama.n_vocab(), bool(llama._logits_all), bool(llama.context_params.embeddings), llama)
+
+    def parses(self, grammar: str) -> bool:
+        """True when llama.cpp accepts the grammar; sampling with one it rejects
+        dereferences NULL (llama-cpp-python 0.3.36 does not check)."""
+        import llama_cpp
+        sampler = llama_cpp.llama_sampler_init_grammar(self.llama._model.vocab, grammar.encode(), b"root")
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
+
+    def is_text(self, tokens: list[int]) -> bool:
+        """True when the tokens make valid UTF-8; /extras/detokenize decodes strictly (a 500)."""
+        try:
+            self.llama.detokenize(tokens).decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+
+
+def request_models() -> dict:
+    """The body model of each POST route; the same classes FastAPI validates with."""
+    from llama_cpp.server import types
+    completion = types.CreateCompletionRequest
+    return {"/v1/completions": completion, "/v1/engines/copilot-codex/completions": completion,
+            "/v1/chat/completions": types.CreateChatCompletionRequest,
+            "/v1/embeddings": types.CreateEmbeddingRequest,
+            "/extras/tokenize": types.TokenizeInputRequest, "/extras/tokenize/count": types.TokenizeInputRequest,
+            "/extras/detokenize": types.DetokenizeInputRequest}
+
+
+def parse_json(body: bytes, content_type: str) -> dict:
+    kind = content_type.split(";")[0].strip().lower()
+    if kind and kind != "application/json" and not kind.endswith("+json"):
+        raise BadRequest(f"Content-Type is {kind!r}: send the body as JSON with Content-Type: application/json "
+                         "(curl: -H 'Content-Type: application/json')")
+    try:
+        data = json.loads(body)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"the request body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def validated(model_class, data: dict):
+    """The body as the route's pydantic model, or BadRequest listing every field at
+    fault. A union (a message is one of several classes) adds its members' names to an
+    error's location; they are dropped, and one field's errors are joined with "or"."""
+    import pydantic
+    try:
+        return model_class.model_validate(data)
+    except pydantic.ValidationError as exc:
+        problems: dict[str, list[str]] = {}
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"] if not UNION_MEMBER.match(str(part))) or "body"
+            problems.setdefault(where, []).append(error["msg"])
+        message = "; ".join(f"{where}: {' or '.join(dict.fromkeys(what))}" for where, what in problems.items())
+        raise BadRequest(message, param=next(iter(problems))) from None
+
+
+def with_defaults_explicit(data: dict) -> dict:
+    """What OpenAI's API leaves implicit and llama-cpp-python 0.3.36 fails on (a 500):
+    NULL_MEANS_DEFAULT fields set to null are dropped, and an assistant message without
+    content (one that only calls tools) gets empty content, which the chat formats read."""
+    data = {key: value for key, value in data.items() if not (key in NULL_MEANS_DEFAULT and value is None)}
+    if isinstance(data.get("messages"), list):
+        data["messages"] = [{"content": "", **message}
+                            if isinstance(message, dict) and message.get("role") == "assistant" else message
+                            for message in data["messages"]]
+    return data
+
+
+def check_token_ids(ids, model: ServedModel, param: str) -> None:
+    bad = [token for token in ids if not 0 <= token < model.vocabulary]
+    if bad:
+        raise BadRequest(f"{param}: token ids must be from 0 to {model.vocabulary - 1}; got {bad[:5]}", param)
+
+
+def check_semantics(path: str, request, model: ServedModel) -> None:
+    """What the schema allows but llama-cpp-python 0.3.36 cannot run: each would be a
+    500 (or kill the server) after the model lock was taken or the stream had begun."""
+    if path == "/extras/detokenize":
+        check_token_ids(request.tokens, model, "tokens")
+        if not model.is_text(request.tokens):
+            raise BadRequest("tokens: they do not make valid UTF-8 text (a character split between tokens "
+                             "needs all of its tokens)", "tokens")
+    if path == "/v1/embeddings" and not model.embeddings:
+        raise BadRequest("this server does not compute embeddings: start it with EMBEDDING=true "
+                         "(a model loaded for embeddings)", "input")
+    prompt = getattr(request, "prompt", None)
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise BadRequest(f"prompt: this server takes one prompt per request, got {len(prompt)}", "prompt")
+    if getattr(request, "grammar", None) is not None and not model.parses(request.grammar):
+        raise BadRequest("grammar: llama.cpp cannot parse it; expected GBNF with a `root` rule, "
+                         'such as root ::= "yes" | "no"', "grammar")
+    if getattr(request, "logit_bias", None) and request.logit_bias_type != "tokens":
+        keys = list(request.logit_bias)
+        if not all(key.lstrip("-").isdigit() for key in keys):
+            raise BadRequest("logit_bias: keys must be token ids (or set logit_bias_type to tokens)", "logit_bias")
+        check_token_ids([int(key) for key in keys], model, "logit_bias")
+    if wants_logprobs(request) and not model.logits_all:
+        raise BadRequest("logprobs: this server runs with LOGITS_ALL=false, which makes prompt processing about "
+                         "twice as fast; start it with LOGITS_ALL=true to get log probabilities", "logprobs")
+    tool_choice = getattr(request, "tool_choice", None)
+    if isinstance(tool_choice, dict):
+        wanted = tool_choice.get("function", {}).get("name")
+        names = [tool["function"]["name"] for tool in request.tools or []]
+        if wanted not in names:
+            raise BadRequest(f"tool_choice: function {wanted!r} is not among the tools ({', '.join(names) or 'none'})",
+                             "tool_choice")
+
+
+def wants_logprobs(request) -> bool:
+    """Completions take logprobs=N; chat takes logprobs=true with top_logprobs=N."""
+    if hasattr(request, "messages"):
+        return bool(request.logprobs) and request.top_logprobs is not None
+    return getattr(request, "logprobs", None) is not None
+
+
+class RequestGuard:
+    """ASGI middleware in front of llama-cpp-python's app: reads each POST body once,
+    answers what cannot run with a 400 naming the field, and passes the rest on,
+    unchanged but for with_defaults_explicit. It runs before the API key check, which
+    is in the app: a caller without the key learns no more than /openapi.json says."""
+
+    def __init__(self, app, model: ServedModel):
+        self.app, self.model = app, model
+        self.models = request_models()
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "POST" or path not in self.models:
+            return await self.app(scope, receive, send)
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        try:
+            body = await read_body(receive)
+            data = parse_json(body, headers.get("content-type", ""))
+            if (explicit := with_defaults_explicit(data)) != data:
+                data, body = explicit, json.dumps(explicit).encode()
+            request = validated(self.models[path], data)
+            check_semantics(path, request, self.model)
+        except BadRequest as problem:
+            return await answer(send, problem.status, problem.body())
+        except ClientGone:
+            return
+        await self.run_holding_start(scope, replay(body, receive), send, request)
+
+    async def run_holding_start(self, scope, receive, send, request) -> None:
+        """Run the app, holding its response back until the first body part with
+        content: a stream that fails before its first event (a prompt longer than the
+        context is found only then) gets the error llama-cpp-python gives the same
+        request unstreamed, instead of a 200 with an empty body."""
+        held: list | None = []  # None once the client has had them
+
+        async def send_when_content(message) -> None:
+            nonlocal held
+            if held is None:
+                return await send(message)
+            held.append(message)
+            if message.get("body"):
+                for message in held:
+                    await send(message)
+                held = None
+
+        try:
+            await self.app(scope, receive, send_when_content)
+        except Exception as exc:
+            if held is None:
+                raise
+            from llama_cpp.server.errors import RouteErrorHandler
+            # It reads only its class's patterns: how the app words the same error unstreamed.
+            status, error = RouteErrorHandler.error_message_wrapper(RouteErrorHandler, exc, request)
+            return await answer(send, status, json.dumps({"error": error}).encode())
+        for message in held or []:
+            await send(message)
+
+
+class ClientGone(Exception):
+    """The client disconnected while sending its request."""
+
+
+async def read_body(receive) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > MAX_BODY_BYTES:
+            raise BadRequest(f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", status=413)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive):
+    """A `receive` that hands the app the body already read, then the client's own
+    messages (so the app still sees a disconnect)."""
+    sent = False
+
+    async def receive_again():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive_again
+
+
+async def answer(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
