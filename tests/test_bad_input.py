@@ -8,6 +8,9 @@ that remains must be named in KNOWN_5XX with the reason; any other fails the tes
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -16,7 +19,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
-from conftest import ALIAS, launch
+from conftest import ALIAS, ROOT, launch
 
 N_CTX = 256  # small, so prompts past it are cheap to make
 EXAMPLES = 100  # per operation and generation mode
@@ -252,3 +255,30 @@ def test_empty_messages_list_gets_a_clean_answer(small_server, report):
 def test_requests_that_would_kill_the_server_get_400(small_server, path, body, param):
     assert_400_naming(post(small_server, path, json=body), param)
     assert_still_serving(small_server)
+
+
+GRAMMAR_INSIDE_THE_SERVER = """
+import sys
+sys.path.insert(0, {root!r})
+import llama_cpp, inside_server
+if {patched!r}:
+    inside_server.refuse_unparsed_grammars()
+llama = llama_cpp.Llama({model!r}, n_ctx=256, verbose=False)
+try:
+    llama.create_completion("Hi", max_tokens=2, grammar=llama_cpp.LlamaGrammar.from_string("root ::= x"))
+except ValueError as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("patched", [True, False])
+def test_a_grammar_the_server_builds_itself_cannot_crash_it(model_path, patched):
+    """The safety net under the guard for grammars made from response_format or tool schemas,
+    which no request field shows: run in a process of its own, since without it the process dies."""
+    code = GRAMMAR_INSIDE_THE_SERVER.format(root=str(ROOT), patched=patched, model=str(model_path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if patched:
+        assert (done.returncode, done.stdout.strip()) == (0, "refused: llama.cpp cannot parse the grammar made for "
+                                                             "this request"), done.stderr[-2000:]
+    else:  # what the safety net prevents: llama-cpp-python 0.3.36 adds the NULL sampler and crashes
+        assert done.returncode == -signal.SIGSEGV, (done.returncode, done.stderr[-2000:])
