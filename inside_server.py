@@ -23,7 +23,7 @@ from dataclasses import dataclass
 READY_LINE = "Uvicorn running on"
 MAX_BODY_BYTES = 16 << 20  # far above any prompt that fits a context; a bound on what one request can make us hold
 # Fields the OpenAPI schema lets be null, which llama-cpp-python passes on as None to
-# llama.cpp's sampler (a ctypes TypeError, a 500): null means "the default" in OpenAI's API.
+# llama.cpp's sampler (a ctypes TypeError, a 500). See nulls_meaning_default.
 NULL_MEANS_DEFAULT = ("frequency_penalty", "presence_penalty")
 # How pydantic names a union's members in an error's location: classes, generic types, plain types.
 UNION_MEMBER = re.compile(r"[A-Z]|.*\[|(str|int|float|bool|none)$")
@@ -203,11 +203,28 @@ def validated(model_class, data: dict):
         raise BadRequest(message, param=next(iter(problems))) from None
 
 
-def with_defaults_explicit(data: dict) -> dict:
-    """What OpenAI's API leaves implicit and llama-cpp-python 0.3.36 fails on (a 500):
-    NULL_MEANS_DEFAULT fields set to null are dropped, and an assistant message without
-    content (one that only calls tools) gets empty content, which the chat formats read."""
-    data = {key: value for key, value in data.items() if not (key in NULL_MEANS_DEFAULT and value is None)}
+def nulls_meaning_default(model_class) -> frozenset[str]:
+    """The sampling settings and flags whose null the server cannot take: those that
+    refuse None (`"temperature": null`, a 400 otherwise) and NULL_MEANS_DEFAULT.
+    OpenAI's API reads null as "not given", and many clients send unset fields as
+    null. (A null prompt or messages list stays an error: no default is meant there.)"""
+    import pydantic
+    names = set(NULL_MEANS_DEFAULT) & set(model_class.model_fields)
+    for name, field in model_class.model_fields.items():
+        if not isinstance(field.default, (bool, int, float)):
+            continue
+        try:
+            pydantic.TypeAdapter(field.annotation).validate_python(None)
+        except pydantic.ValidationError:
+            names.add(name)
+    return frozenset(names)
+
+
+def with_defaults_explicit(data: dict, nulls_to_drop: frozenset[str]) -> dict:
+    """What OpenAI's API leaves implicit and llama-cpp-python 0.3.36 refuses or fails
+    on: those fields set to null are dropped, and an assistant message without content
+    (one that only calls tools) gets empty content, which the chat formats read."""
+    data = {key: value for key, value in data.items() if not (key in nulls_to_drop and value is None)}
     if isinstance(data.get("messages"), list):
         data["messages"] = [{"content": "", **message}
                             if isinstance(message, dict) and message.get("role") == "assistant" else message
@@ -246,13 +263,24 @@ def check_semantics(path: str, request, model: ServedModel) -> None:
     if wants_logprobs(request) and not model.logits_all:
         raise BadRequest("logprobs: this server runs with LOGITS_ALL=false, which makes prompt processing about "
                          "twice as fast; start it with LOGITS_ALL=true to get log probabilities", "logprobs")
-    tool_choice = getattr(request, "tool_choice", None)
-    if isinstance(tool_choice, dict):
-        wanted = tool_choice.get("function", {}).get("name")
-        names = [tool["function"]["name"] for tool in request.tools or []]
-        if wanted not in names:
-            raise BadRequest(f"tool_choice: function {wanted!r} is not among the tools ({', '.join(names) or 'none'})",
-                             "tool_choice")
+    if hasattr(request, "messages"):
+        check_forced_function(request)
+
+
+def check_forced_function(request) -> None:
+    """A function the request forces must be one it offers; llama-cpp-python reads the
+    legacy functions/function_call before tools/tool_choice, and so does this."""
+    if request.functions is not None:
+        param, offered = "function_call", [function["name"] for function in request.functions]
+        forced = request.function_call.get("name") if isinstance(request.function_call, dict) else None
+    else:
+        param, offered = "tool_choice", [tool["function"]["name"] for tool in request.tools or []]
+        forced = request.tool_choice.get("function", {}).get("name") if isinstance(request.tool_choice, dict) else None
+        if isinstance(request.function_call, dict):
+            param, forced = "function_call", request.function_call.get("name")
+    if forced is not None and forced not in offered:
+        raise BadRequest(f"{param}: function {forced!r} is not among those offered ({', '.join(offered) or 'none'})",
+                         param)
 
 
 def wants_logprobs(request) -> bool:
@@ -271,6 +299,7 @@ class RequestGuard:
     def __init__(self, app, model: ServedModel):
         self.app, self.model = app, model
         self.models = request_models()
+        self.nulls_to_drop = {path: nulls_meaning_default(model) for path, model in self.models.items()}
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
@@ -280,7 +309,7 @@ class RequestGuard:
         try:
             body = await read_body(receive)
             data = parse_json(body, headers.get("content-type", ""))
-            if (explicit := with_defaults_explicit(data)) != data:
+            if (explicit := with_defaults_explicit(data, self.nulls_to_drop[path])) != data:
                 data, body = explicit, json.dumps(explicit).encode()
             request = validated(self.models[path], data)
             check_semantics(path, request, self.model)

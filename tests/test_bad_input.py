@@ -148,6 +148,7 @@ def test_a_body_not_sent_as_json_gets_400_saying_how(small_server):
     ("/v1/completions", "max_tokens", {"prompt": "Hello", "max_tokens": "ten"}),
     ("/v1/chat/completions", "messages", {"messages": "Hello"}),
     ("/v1/chat/completions", "messages.0.role", {"messages": [{"role": "wizard", "content": "Hi"}]}),
+    ("/v1/chat/completions", "messages", {"messages": None}),  # null means no default here
 ])
 def test_wrong_types_get_400_naming_the_field(small_server, path, field, body):
     assert_400_naming(post(small_server, path, json=body), field, f"{field}: ")
@@ -163,6 +164,8 @@ def test_wrong_types_get_400_naming_the_field(small_server, path, field, body):
     ("/v1/completions", {"prompt": "Hi", "logit_bias": {"999999999": 5}}, "logit_bias", ["from 0 to 262143"]),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "tool_choice":
      {"type": "function", "function": {"name": "absent"}}, "tools": []}, "tool_choice", ["'absent'"]),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "function_call": {"name": "absent"},
+     "functions": [{"name": "present", "parameters": {}}]}, "function_call", ["'absent'", "(present)"]),
 ])
 def test_what_the_schema_allows_but_the_server_cannot_run_gets_400(small_server, path, body, param, words):
     for stream in (False, True):  # streamed, it would fail after the 200 had been sent
@@ -175,6 +178,9 @@ def test_what_the_schema_allows_but_the_server_cannot_run_gets_400(small_server,
 @pytest.mark.parametrize("path, body", [
     # The schema lets them be null; unguarded, None reaches llama.cpp's sampler (a 500).
     ("/v1/completions", {"prompt": "Hi", "frequency_penalty": None, "presence_penalty": None}),
+    # The schema refuses these nulls (a 400 unguarded), yet clients send unset fields as null.
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "temperature": None,
+                              "top_p": None, "stream": None}),
     # An assistant turn that only called a tool; unguarded, the gemma chat format reads its content (a 500).
     ("/v1/chat/completions", {"messages": [
         {"role": "user", "content": "Weather?"},
