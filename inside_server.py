@@ -249,6 +249,8 @@ def check_semantics(path: str, request, model: ServedModel) -> None:
     if path == "/v1/embeddings" and not model.embeddings:
         raise BadRequest("this server does not compute embeddings: start it with EMBEDDING=true "
                          "(a model loaded for embeddings)", "input")
+    if path == "/v1/embeddings" and request.input == []:
+        raise BadRequest("input: an empty list; give at least one text to embed", "input")
     prompt = getattr(request, "prompt", None)
     if isinstance(prompt, list) and len(prompt) > 1:
         raise BadRequest(f"prompt: this server takes one prompt per request, got {len(prompt)}", "prompt")

@@ -94,11 +94,11 @@ def test_the_schema_has_the_operations_we_fuzz(api_schema):
     assert {result.ok().label for result in api_schema.get_all_operations()} == set(FUZZED)
 
 
-@pytest.mark.parametrize("mode", ["positive", "negative"])
-@pytest.mark.parametrize("label", FUZZED)
-def test_fuzzed_requests_get_no_unexplained_5xx(api_schema, small_server, label, mode, report):
+def fuzz(schema, server, label: str, mode: str, report, name: str = "") -> None:
+    """Send up to EXAMPLES generated requests to one operation; any 5xx must be in KNOWN_5XX,
+    and the server must still answer afterwards."""
     method, path = label.split(" ", 1)
-    operation = api_schema[path][method]
+    operation = schema[path][method]
     stop_at = time.monotonic() + OPERATION_BUDGET
     statuses: Counter = Counter()
     unexplained: list[str] = []
@@ -110,7 +110,7 @@ def test_fuzzed_requests_get_no_unexplained_5xx(api_schema, small_server, label,
         if time.monotonic() > stop_at:
             return
         tame(case.body)
-        response = case.call(base_url=small_server.url, timeout=REQUEST_TIMEOUT)
+        response = case.call(base_url=server.url, timeout=REQUEST_TIMEOUT)
         if response.status_code < 500:
             statuses[str(response.status_code)] += 1
         elif known := known_5xx(error_message(response)):
@@ -119,9 +119,29 @@ def test_fuzzed_requests_get_no_unexplained_5xx(api_schema, small_server, label,
             unexplained.append(f"{response.status_code} {error_message(response)[:300]!r} for {case.body!r:.300}")
 
     send()
-    report(f"fuzz {label} {mode}", ", ".join(f"{n} x {status}" for status, n in sorted(statuses.items())))
+    report(f"fuzz {label} {mode}{name}", ", ".join(f"{n} x {status}" for status, n in sorted(statuses.items())))
     assert not unexplained, "\n".join(unexplained)
-    assert_still_serving(small_server)
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+@pytest.mark.parametrize("label", FUZZED)
+def test_fuzzed_requests_get_no_unexplained_5xx(api_schema, small_server, label, mode, report):
+    fuzz(api_schema, small_server, label, mode, report)
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzed_embeddings_get_no_unexplained_5xx(tmp_path, pulled_home, mode, report):
+    """With EMBEDDING=true /v1/embeddings reaches the model, which the small server refuses."""
+    server = launch(tmp_path, pulled_home, N_CTX=str(N_CTX), EMBEDDING="true")
+    try:
+        server.wait_ready()
+        schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+        fuzz(schema, server, "POST /v1/embeddings", mode, report, name=" (EMBEDDING=true)")
+        # Fuzzing found this: llama_decode fails on an empty batch (a 500 unguarded).
+        assert_400_naming(post(server, "/v1/embeddings", json={"input": []}), "input", "empty list")
+    finally:
+        server.close()
 
 
 def assert_400_naming(reply, param: str | None, *words: str) -> None:
