@@ -281,6 +281,15 @@ def test_container_answers_offline(container):
     assert "context 2048" in container.output()  # the rebuilt model.env is the one served
 
 
+def test_the_request_guard_is_active_in_the_image(container):
+    """A request that kills an unguarded server (see test_bad_input.py) gets a 400 from this image."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="grammar: llama.cpp cannot parse it"):
+        client.completions.create(model=ALIAS, prompt="Hi", max_tokens=4, extra_body={"grammar": "nonsense"})
+    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/v1/models", timeout=5) as reply:
+        assert reply.status == 200
+
+
 def test_healthcheck_command_succeeds_inside(container):
     test = container.config["Healthcheck"]["Test"]
     assert test[0] == "CMD"
