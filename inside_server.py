@@ -89,9 +89,12 @@ def install() -> logging.Filter:
     make_app = server_app.create_app
 
     def create_guarded_app(*args, **kwargs):
+        from starlette.middleware import Middleware
         app = make_app(*args, **kwargs)
         model = ServedModel.of(server_app._llama_proxy._current_model)
-        return RequestGuard(app, model)
+        # Innermost, inside the app's CORS middleware: its answers carry the CORS headers too.
+        app.user_middleware.append(Middleware(RequestGuard, model=model))
+        return app
 
     server_app.create_app = create_guarded_app
     refuse_unparsed_grammars()

@@ -157,6 +157,13 @@ def test_malformed_json_gets_400(small_server):
     assert_400_naming(reply, None, "not valid JSON", "line 1 column 15")
 
 
+def test_a_browser_can_read_the_guards_answers(small_server):
+    """The server allows any origin (CORS); a 400 from the guard must say so as well."""
+    reply = post(small_server, "/v1/completions", json={"max_tokens": "ten"}, headers={"Origin": "https://example.org"})
+    assert reply.status_code == 400, reply.text
+    assert reply.headers.get("access-control-allow-origin") == "https://example.org", reply.headers
+
+
 def test_a_body_not_sent_as_json_gets_400_saying_how(small_server):
     """`curl -d '{...}'` without -H sends a form content type; FastAPI would not parse it."""
     reply = post(small_server, "/v1/completions", content=b'{"prompt": "Hi"}',

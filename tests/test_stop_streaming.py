@@ -16,8 +16,9 @@ import pytest
 from conftest import ALIAS
 
 STOP_TIMEOUT = 10  # the entrypoint's default grace period
-# The test model writes about 50 tokens/s here: 64 tokens take about 1.5 s, 5000 far longer than the grace period.
-SHORT, LONG = 64, 5000
+# The test model writes about 50 tokens/s here: 24 tokens fit the grace period (7 s) even at a fifth of that
+# speed, as on a loaded machine; 5000 take far longer.
+SHORT, LONG = 24, 5000
 # Token ids the long answer must not end on (EOS and <end_of_turn> in the test model's vocabulary).
 NO_END = {"1": -100, "106": -100}
 
