@@ -177,19 +177,26 @@ def pull_model(model_path: Path) -> None:
 
 # ----------------------------------------------------------------- servers ---
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
     """`entrypoint.py serve` as a process (in its own session, so that all it
     starts can be stopped); its output lines are time-stamped on arrival."""
 
     def __init__(self, name: str, settings: dict[str, str]):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
+        self.start(name, port, [sys.executable, str(ROOT / "entrypoint.py"), "serve"],
+                   server_environ(PORT=str(port), **settings))
+
+    def start(self, name: str, port: int, command: list[str], env: dict[str, str]) -> None:
         self.name, self.url, self.lines = name, f"http://127.0.0.1:{port}", []
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "serve"],
-                                     env=server_environ(PORT=str(port), **settings), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
         threading.Thread(target=self._collect, daemon=True).start()
 
     def _collect(self) -> None:
