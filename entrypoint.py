@@ -15,6 +15,7 @@ import ctypes
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import signal
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import click
 
-from inside_server import uvicorn_log_config
+from inside_server import START_ERROR_VARIABLE, uvicorn_log_config
 
 HERE = Path(__file__).resolve().parent
 MODEL_ENV_DEFAULT = HERE / "model.env"
@@ -115,16 +116,23 @@ class Config:
         return self.values[name]
 
 
+def given(values: dict[str, str]) -> dict[str, str]:
+    """The values that are set: an empty one (`-e N_CTX=`, `--env-file`'s `CHAT_FORMAT=`,
+    a manifest's `value: ""`) counts as not given, so the next source or the default applies."""
+    return {name: value.strip() for name, value in values.items() if value.strip()}
+
+
 def load_config(environ: dict[str, str], env_file: Path) -> Config:
     """Merge process environment > model.env > built-in defaults, then validate."""
     file_values = parse_env_file(env_file)
+    from_env, from_file = given(environ), given(file_values)
     values, sources = {}, {}
 
     def take(name: str, default: str | None) -> None:
-        if name in environ:
-            values[name], sources[name] = environ[name].strip(), "env"
-        elif name in file_values:
-            values[name], sources[name] = file_values[name].strip(), env_file.name
+        if name in from_env:
+            values[name], sources[name] = from_env[name], "env"
+        elif name in from_file:
+            values[name], sources[name] = from_file[name], env_file.name
         elif default is not None:
             values[name], sources[name] = default, "default"
 
@@ -135,7 +143,7 @@ def load_config(environ: dict[str, str], env_file: Path) -> Config:
         if name not in SETTINGS and name not in fields and not name.startswith("HF_"):
             raise UserError(f"{name} in {env_file.name} is not a setting of this image, of llama-cpp-python's "
                             "server or of the Hugging Face hub (HF_*): check its spelling")
-    extra = sorted((set(file_values) | (set(fields) & set(environ)) | set(SERVER_DEFAULTS)) - set(SETTINGS))
+    extra = sorted((set(from_file) | (set(fields) & set(from_env)) | set(SERVER_DEFAULTS)) - set(SETTINGS))
     for name in extra:
         take(name, SERVER_DEFAULTS.get(name))
     config = Config(values, sources, extra)
@@ -223,23 +231,25 @@ def check_server_setting(name: str, value: str, field) -> None:
 
 
 def available_cpus(root: Path = Path("/")) -> tuple[int, str]:
-    """CPUs this container may really use: affinity mask and cgroup quota (v2 or v1)."""
-    limits = {"affinity": len(os.sched_getaffinity(0))}
+    """CPUs this container may really use: affinity mask and cgroup quota (v2 or v1).
+    A fractional quota (`--cpus 2.5`, `3500m`) is floored: a thread more than the CPU
+    time spins waiting for the others, and llama.cpp's threads wait for each other."""
+    limits = {"affinity": float(len(os.sched_getaffinity(0)))}
     cpu_max = root / "sys/fs/cgroup/cpu.max"
     v1_quota, v1_period = root / "sys/fs/cgroup/cpu/cpu.cfs_quota_us", root / "sys/fs/cgroup/cpu/cpu.cfs_period_us"
     try:
         quota, period = cpu_max.read_text().split()
         if quota != "max":
-            limits["cgroup cpu.max"] = math.ceil(int(quota) / int(period))
+            limits["cgroup cpu.max"] = int(quota) / int(period)
     except (OSError, ValueError):
         try:
             quota = int(v1_quota.read_text())
             if quota > 0:
-                limits["cgroup cfs quota"] = math.ceil(quota / int(v1_period.read_text()))
+                limits["cgroup cfs quota"] = quota / int(v1_period.read_text())
         except (OSError, ValueError):
             pass
-    count = max(1, min(limits.values()))
-    return count, ", ".join(f"{k} {v}" for k, v in limits.items())
+    count = max(1, math.floor(min(limits.values())))
+    return count, ", ".join(f"{k} {v:g}" + (" (floored)" if v != int(v) else "") for k, v in limits.items())
 
 
 def resolve_runtime(config: Config, model: "ModelFacts | None" = None) -> None:
@@ -318,13 +328,26 @@ def cpu_features() -> set[str]:
     return found
 
 
-def choose_cpu_level(wanted: str) -> tuple[str, str]:
-    """The best installed level whose instructions this CPU has, or CPU_LEVEL."""
+def supported_cpu_features() -> set[str]:
+    """The CPU's features, once it is known to be one the image runs on: x86-64 (the
+    CPUID code above is x86 machine code) with AVX2 (every llama.cpp build here needs
+    it). Called before anything imports llama_cpp, which would die with SIGILL instead."""
+    machine = platform.machine()
+    if machine not in ("x86_64", "AMD64"):
+        raise SystemExit(f"error: this image runs on x86-64 (linux/amd64) only; this machine is {machine}: "
+                         "build and run it with --platform linux/amd64 (emulated, and slow, on Apple Silicon; "
+                         "an x86-64 machine or VM is faster)")
     features = cpu_features()
     missing = sorted(AVX2 - features)
     if missing:
         raise SystemExit(f"error: this CPU lacks {', '.join(missing)}: the image needs an x86-64 CPU with AVX2 "
                          "(Intel Haswell or AMD Zen and newer)")
+    return features
+
+
+def choose_cpu_level(wanted: str) -> tuple[str, str]:
+    """The best installed level whose instructions this CPU has, or CPU_LEVEL."""
+    features = supported_cpu_features()
     levels = installed_cpu_levels()
     if wanted:
         lacking = sorted(CPU_LEVELS.get(wanted, set()) - features)
@@ -768,8 +791,11 @@ def reap() -> list[tuple[int, int]]:
 class Supervisor:
     """Runs `llm run`, adopts the server it leaves behind, and stops the tree."""
 
-    def __init__(self, command: list[str], env: dict[str, str], stop_timeout: int):
+    def __init__(self, command: list[str], env: dict[str, str], stop_timeout: int, start_error: Path):
+        """`start_error`: where the server writes why it could not start (inside_server)."""
         self.command, self.env, self.stop_timeout = command, env, stop_timeout
+        self.start_error = start_error
+        self.env[START_ERROR_VARIABLE] = str(start_error)
         self.stop_signal: int | None = None
         self.terminated: set[int] = set()
 
@@ -790,7 +816,9 @@ class Supervisor:
         if self.stop_signal is not None:
             return self.stop()
         if status != 0:
-            click.echo(f"error: `llm run` failed with status {status} (see the lines above)", err=True)
+            reason = self.start_error.read_text().strip() if self.start_error.exists() else ""
+            click.echo(f"error: {reason}" if reason else f"error: `llm run` failed with status {status} "
+                       "(see the lines above)", err=True)
             signal_tree(signal.SIGKILL)
             return 1
         server = {p.pid for p in descendants()}
@@ -851,10 +879,20 @@ def server_env(config: Config, environ: dict[str, str]) -> dict[str, str]:
 
 # ------------------------------------------------------------------- CLI ---
 
+def model_env_path() -> Path:
+    return Path(os.environ.get("MODEL_ENV_FILE", "").strip() or MODEL_ENV_DEFAULT)
+
+
 def load() -> Config:
-    """Load the settings and export the pass-through ones, so that the hub client
-    (imported later) and localllm's children see model.env's HF_* and server lines."""
-    env_file = Path(os.environ.get("MODEL_ENV_FILE", MODEL_ENV_DEFAULT))
+    """Check the machine, load the settings and export the pass-through ones, so that
+    the hub client (imported later) and localllm's children see model.env's HF_* and
+    server lines, and none of them sees an empty value."""
+    supported_cpu_features()  # first: reading the settings imports llama_cpp
+    fields = server_settings()
+    for name, value in list(os.environ.items()):
+        if not value.strip() and (name in SETTINGS or name in fields or name.startswith("HF_")):
+            del os.environ[name]  # empty means not given, for the hub client and the server too
+    env_file = model_env_path()
     cfg = load_config(dict(os.environ), env_file)
     for name in cfg.extra:
         os.environ.setdefault(name, cfg[name])
@@ -904,7 +942,8 @@ def serve() -> None:
     resolve_runtime(cfg, model_facts(paths))
     first = next(iter(files))
     log_target = start_log_relay()
-    log_config = scratch_dir() / "uvicorn-log.json"
+    scratch = scratch_dir()
+    log_config = scratch / "uvicorn-log.json"
     log_config.write_text(json.dumps(uvicorn_log_config(log_target)))
     command = llm("run", cfg["MODEL"], cfg["PORT"], "--host", "0.0.0.0", "--filename", first,
                   "--verbose", "--log-config", str(log_config))
@@ -912,7 +951,7 @@ def serve() -> None:
                f"with {cfg['N_THREADS']} threads, context {cfg['N_CTX']}, {cfg['CPU_LEVEL']} build")
     env = server_env(cfg, dict(os.environ))
     sys.stdout.flush()
-    sys.exit(Supervisor(command, env, int(cfg["STOP_TIMEOUT"])).run())
+    sys.exit(Supervisor(command, env, int(cfg["STOP_TIMEOUT"]), scratch / "start-error.txt").run())
 
 
 @cli.command()
@@ -920,9 +959,8 @@ def health() -> None:
     """Exit 0 when the server answers HEALTH_PATH (the image's HEALTHCHECK). Light:
     reads PORT only, so a check every few seconds costs next to nothing."""
     import urllib.request
-    env_file = Path(os.environ.get("MODEL_ENV_FILE", MODEL_ENV_DEFAULT))
-    port = os.environ["PORT"] if "PORT" in os.environ else parse_env_file(env_file).get("PORT", "")
-    port = port.strip() or SETTINGS["PORT"].default
+    port = (given(os.environ).get("PORT") or given(parse_env_file(model_env_path())).get("PORT")
+            or SETTINGS["PORT"].default)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{HEALTH_PATH}", timeout=4) as reply:
             click.echo(f"healthy: HTTP {reply.status}")

@@ -10,6 +10,9 @@ in: uvicorn applies it before it imports the app. It brings in:
   shared server (a grammar that does not parse, a token id outside the vocabulary).
 - Draining on stop: streams in flight may finish within the grace period instead of
   being cut the moment SIGTERM arrives (sse-starlette's default).
+- The reason a start failed: llama.cpp's own words when it cannot load the model
+  (llama-cpp-python hides them when not verbose, and localllm forces VERBOSE=False),
+  written where the entrypoint prints them as one line.
 """
 from __future__ import annotations
 
@@ -21,6 +24,11 @@ import sys
 from dataclasses import dataclass
 
 READY_LINE = "Uvicorn running on"
+# The file the server writes why it could not start to; set by the entrypoint.
+START_ERROR_VARIABLE = "LOCALLLM_START_ERROR_FILE"
+# enum ggml_log_level in the pinned llama.cpp: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+# (llama_cpp/_logger.py of 0.3.36 still documents an older order).
+GGML_LOG_ERROR, GGML_LOG_CONT = 4, 5
 MAX_BODY_BYTES = 16 << 20  # far above any prompt that fits a context; a bound on what one request can make us hold
 # Fields the OpenAPI schema lets be null, which llama-cpp-python passes on as None to
 # llama.cpp's sampler (a ctypes TypeError, a 500). See nulls_meaning_default.
@@ -87,11 +95,17 @@ def install() -> logging.Filter:
     from sse_starlette.sse import AppStatus
 
     make_app = server_app.create_app
+    llama_errors = keep_llama_errors()
 
     def create_guarded_app(*args, **kwargs):
         from starlette.middleware import Middleware
-        app = make_app(*args, **kwargs)
-        model = ServedModel.of(server_app._llama_proxy._current_model)
+        try:
+            app = make_app(*args, **kwargs)
+        except Exception as exc:
+            report_start_failure(exc, llama_errors)
+            raise
+        proxy = server_app._llama_proxy
+        model = ServedModel.of(proxy._current_model, proxy._default_model_alias)
         # Innermost, inside the app's CORS middleware: its answers carry the CORS headers too.
         app.user_middleware.append(Middleware(RequestGuard, model=model))
         return app
@@ -100,6 +114,53 @@ def install() -> logging.Filter:
     refuse_unparsed_grammars()
     AppStatus.disable_automatic_graceful_drain()
     return logging.Filter()  # a filter in name only: it lets every record through
+
+
+_log_callbacks: list = []  # ctypes callbacks must outlive their registration
+
+
+def keep_llama_errors() -> list[str]:
+    """Collect llama.cpp's error messages while passing every message on to
+    llama-cpp-python's own logger, which prints them only when verbose."""
+    import ctypes
+    import llama_cpp
+    from llama_cpp import _logger
+    errors: list[str] = []
+    last_level = 0
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        nonlocal last_level
+        if level == GGML_LOG_ERROR or (level == GGML_LOG_CONT and last_level == GGML_LOG_ERROR):
+            errors.append(text.decode("utf-8", "replace"))
+        last_level = level if level != GGML_LOG_CONT else last_level
+        _logger.llama_log_callback(level, text, user_data)
+
+    _log_callbacks.append(callback)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    return errors
+
+
+def start_failure(exc: Exception, llama_errors: list[str]) -> str:
+    """One line on why the server could not start, in llama.cpp's words where it said any."""
+    lines = [" ".join(line.split()) for line in "".join(llama_errors).splitlines() if line.strip()]
+    said = " ".join(lines)
+    marker = "error loading model: "
+    if "Failed to load model" in str(exc):
+        reasons = [line.split(marker, 1)[1] for line in lines if marker in line]
+        reason = reasons[0] if reasons else (said or "no reason given")
+        return f"llama.cpp cannot load the model file {os.environ.get('MODEL', '?')}: {reason}"
+    return f"the model server cannot start: {type(exc).__name__}: {exc}" + (f" (llama.cpp: {said})" if said else "")
+
+
+def report_start_failure(exc: Exception, llama_errors: list[str]) -> None:
+    """Hand the reason to the entrypoint and end quietly: a traceback would only bury it."""
+    target = os.environ.get(START_ERROR_VARIABLE)
+    if not target:
+        return  # not started by the entrypoint: the caller raises as usual
+    with open(target, "w", encoding="utf-8") as out:
+        out.write(start_failure(exc, llama_errors) + "\n")
+    os._exit(1)
 
 
 def refuse_unparsed_grammars() -> None:
@@ -140,11 +201,12 @@ class ServedModel:
     vocabulary: int
     logits_all: bool
     embeddings: bool
+    alias: str  # MODEL_ALIAS, the id /v1/models shows
     llama: object  # llama_cpp.Llama
 
     @classmethod
-    def of(cls, llama) -> "ServedModel":
-        return cls(llama.n_vocab(), bool(llama._logits_all), bool(llama.context_params.embeddings), llama)
+    def of(cls, llama, alias: str) -> "ServedModel":
+        return cls(llama.n_vocab(), bool(llama._logits_all), bool(llama.context_params.embeddings), alias, llama)
 
     def parses(self, grammar: str) -> bool:
         """True when llama.cpp accepts the grammar; sampling with one it rejects
@@ -298,7 +360,7 @@ def wants_logprobs(request) -> bool:
 class RequestGuard:
     """ASGI middleware in front of llama-cpp-python's app: reads each POST body once,
     answers what cannot run with a 400 naming the field, and passes the rest on,
-    unchanged but for with_defaults_explicit. It runs before the API key check, which
+    unchanged but for with_defaults_explicit and the served alias as `model`. It runs before the API key check, which
     is in the app: a caller without the key learns no more than /openapi.json says."""
 
     def __init__(self, app, model: ServedModel):
@@ -314,7 +376,10 @@ class RequestGuard:
         try:
             body = await read_body(receive)
             data = parse_json(body, headers.get("content-type", ""))
-            if (explicit := with_defaults_explicit(data, self.nulls_to_drop[path])) != data:
+            explicit = with_defaults_explicit(data, self.nulls_to_drop[path])
+            if "model" in self.models[path].model_fields:
+                explicit["model"] = self.model.alias  # the reply names the model /v1/models lists, never a path
+            if explicit != data:
                 data, body = explicit, json.dumps(explicit).encode()
             request = validated(self.models[path], data)
             check_semantics(path, request, self.model)

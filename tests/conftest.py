@@ -56,6 +56,14 @@ def model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def derived(model_path):
+    """Models made from the test model (tests/derived_models.py), cached per machine."""
+    from derived_models import DerivedModels
+    cache = Path(os.environ.get("LOCALLLM_TEST_CACHE", Path.home() / ".cache/localllm-tests"))
+    return DerivedModels(model_path, cache / "derived-models")
+
+
+@pytest.fixture(scope="session")
 def hub(model_path):
     with HubStandin({REPO: {name: model_path for name in REPO_FILES}}) as server:
         yield server
@@ -167,12 +175,14 @@ def processes_with_env(entry: str) -> list[int]:
     return found
 
 
-def launch(folder: Path, hf_home: Path, prefix: tuple[str, ...] = (), **settings: str) -> Entrypoint:
+def launch(folder: Path, hf_home: Path, prefix: tuple[str, ...] = (), model_env: dict[str, str] | None = None,
+           **settings: str) -> Entrypoint:
     """Start `entrypoint.py serve` on a pulled cache, offline, as the image would;
-    `prefix` is a command to start it under."""
+    `prefix` is a command to start it under, `model_env` replaces model.env's lines."""
     port = free_port()
-    env_file = write_model_env(folder / f"model-{port}.env", MODEL=REPO, MODEL_QUANT="Q4_K_M",
-                               CHAT_FORMAT="gemma", N_CTX="2048")
+    lines = model_env if model_env is not None else dict(MODEL=REPO, MODEL_QUANT="Q4_K_M", CHAT_FORMAT="gemma",
+                                                         N_CTX="2048")
+    env_file = write_model_env(folder / f"model-{port}.env", **lines)
     env = clean_environ(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", MODEL_ENV_FILE=str(env_file),
                         PORT=str(port), LOCALLLM_TEST_MARKER=uuid.uuid4().hex, **settings)
     return Entrypoint(env, port, prefix)
@@ -183,8 +193,8 @@ def start_server(tmp_path, pulled_home):
     """Start servers of one's own (stopped and checked for leftovers at teardown)."""
     started: list[Entrypoint] = []
 
-    def start(prefix: tuple[str, ...] = (), **settings: str) -> Entrypoint:
-        started.append(launch(tmp_path, pulled_home, prefix, **settings))
+    def start(prefix: tuple[str, ...] = (), model_env: dict[str, str] | None = None, **settings: str) -> Entrypoint:
+        started.append(launch(tmp_path, pulled_home, prefix, model_env, **settings))
         return started[-1]
 
     yield start

@@ -13,7 +13,7 @@ import time
 import openai
 import pytest
 
-from conftest import ALIAS, ROOT, processes_with_env
+from conftest import ALIAS, REPO, ROOT, processes_with_env
 
 
 def test_models_lists_the_alias(server):
@@ -124,7 +124,7 @@ def test_run_time_environment_overrides_model_env(start_server):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"MODEL": ""}, "error: MODEL is not set"),
+    ({"model_env": {"N_CTX": "2048"}, "MODEL": ""}, "error: MODEL is not set"),  # empty: as if not given
     ({"N_CTX": "abc"}, "error: N_CTX='abc' is not valid"),
     ({"MODEL_QUANT": "Q5_K_M"}, "error: MODEL_QUANT='Q5_K_M' matches no .gguf file"),
     ({"MODEL": "other-org/absent-GGUF"}, "error: MODEL=other-org/absent-GGUF is not in this image's model cache"),
@@ -189,7 +189,7 @@ def test_serves_with_a_read_only_root_filesystem(start_server):
 
 def test_chat_format_is_chosen_from_the_model_when_not_set(start_server):
     """The test model's GGUF has no chat template: without `gemma` its answers come back empty."""
-    entrypoint = start_server(CHAT_FORMAT="")
+    entrypoint = start_server(model_env=dict(MODEL=REPO, N_CTX="2048"), CHAT_FORMAT="")
     entrypoint.wait_ready()
     reply = client(entrypoint).chat.completions.create(
         model=ALIAS, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=16)

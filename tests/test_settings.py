@@ -42,11 +42,35 @@ def test_a_new_request_does_not_interrupt_others_by_default(env_file):
     assert load_config({"INTERRUPT_REQUESTS": "true"}, env_file)["INTERRUPT_REQUESTS"] == "true"
 
 
-def test_an_empty_environment_value_still_wins(env_file):
-    """`docker run -e N_CTX=` sets the variable: it is taken (automatic), and checked."""
-    assert load_config({"N_CTX": ""}, env_file).sources["N_CTX"] == "env"
-    with pytest.raises(UserError, match="PORT=''"):
-        load_config({"PORT": ""}, env_file)
+# What `docker run --env-file model.env` passes for the shipped model.env: every automatic
+# setting present and empty.
+EMPTY_AUTOMATIC = {name: "" for name, setting in entrypoint.SETTINGS.items()
+                   if setting.auto or not (setting.default or setting.required)}
+
+
+def test_an_empty_value_is_as_if_not_given(env_file):
+    """`-e N_CTX=`, `--env-file`, a manifest's `value: ""`: model.env's value, else the default."""
+    config = load_config({"N_CTX": "", "PORT": " ", "N_BATCH": ""}, env_file)
+    assert (config["N_CTX"], config.sources["N_CTX"]) == ("2048", "model.env")
+    assert (config["PORT"], config.sources["PORT"]) == ("8000", "default")
+    assert (config["N_BATCH"], config.sources["N_BATCH"]) == ("256", "model.env")
+    bare = write_model_env(env_file.parent / "bare.env", MODEL="TheBloke/Foo-7B-GGUF", MODEL_QUANT="",
+                           N_BATCH="", STOP_TIMEOUT="")
+    config = load_config(EMPTY_AUTOMATIC, bare)
+    assert all(config[name] == "" and config.sources[name] == "default" for name in EMPTY_AUTOMATIC), config
+    assert (config["MODEL_QUANT"], config["STOP_TIMEOUT"]) == ("Q4_K_M", "10")
+    assert "N_BATCH" not in config.extra
+
+
+def test_no_empty_setting_reaches_the_server(tmp_path):
+    """The environment the model server gets, from an --env-file style environment."""
+    env_file = write_model_env(tmp_path / "model.env", MODEL="TheBloke/Foo-7B-GGUF", N_BATCH="")
+    code = ("import os, entrypoint; cfg = entrypoint.load(); entrypoint.resolve_runtime(cfg); "
+            "env = entrypoint.server_env(cfg, dict(os.environ)); "
+            "print(sorted(k for k, v in env.items() if not v.strip()))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=clean_environ(
+        MODEL_ENV_FILE=str(env_file), **EMPTY_AUTOMATIC, N_BATCH="", API_KEY="", HF_ENDPOINT="", PORT=""))
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -61,8 +85,12 @@ def test_model_env_mistakes_are_named(tmp_path, lines, message):
         load_config({}, path)
 
 
+def test_a_model_given_nowhere_is_named(tmp_path):
+    with pytest.raises(UserError, match="MODEL is not set: set it in model.env or the environment"):
+        load_config({"MODEL": ""}, write_model_env(tmp_path / "model.env", MODEL=""))
+
+
 @pytest.mark.parametrize("environ, message", [
-    ({"MODEL": ""}, "MODEL is not set"),
     ({"MODEL": "no-slash"}, "MODEL='no-slash' is not valid: expected a Hugging Face repo id"),
     ({"MODEL_FILE": "model.bin"}, "MODEL_FILE='model.bin' is not valid"),
     ({"MODEL_QUANT": "Q4 K"}, "MODEL_QUANT='Q4 K' is not valid"),
@@ -88,11 +116,13 @@ def test_automatic_values_say_why(env_file):
 
 
 @pytest.mark.parametrize("files, expected", [
-    ({"cpu.max": "150000 100000"}, (2, "affinity 64, cgroup cpu.max 2")),
+    ({"cpu.max": "150000 100000"}, (1, "affinity 64, cgroup cpu.max 1.5 (floored)")),  # --cpus 1.5
+    ({"cpu.max": "350000 100000"}, (3, "affinity 64, cgroup cpu.max 3.5 (floored)")),  # limits.cpu: 3500m
+    ({"cpu.max": "250000 100000"}, (2, "affinity 64, cgroup cpu.max 2.5 (floored)")),
     ({"cpu.max": "max 100000"}, (64, "affinity 64")),
     ({"cpu/cpu.cfs_quota_us": "400000", "cpu/cpu.cfs_period_us": "100000"}, (4, "affinity 64, cgroup cfs quota 4")),
     ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, (64, "affinity 64")),
-    ({"cpu.max": "50000 100000"}, (1, "affinity 64, cgroup cpu.max 1")),
+    ({"cpu.max": "50000 100000"}, (1, "affinity 64, cgroup cpu.max 0.5 (floored)")),  # at least 1
 ])
 def test_available_cpus_follow_the_cgroup_quota(tmp_path, monkeypatch, files, expected):
     monkeypatch.setattr(entrypoint.os, "sched_getaffinity", lambda pid: set(range(64)))

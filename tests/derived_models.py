@@ -1,0 +1,105 @@
+"""Test models derived from the real test GGUF (../shared/test-model.md) with llama.cpp's
+`gguf` package: the same weights with a chat template of their own, split in parts,
+with an architecture llama.cpp does not know, or with their tensor data cut short.
+
+Each is written once per machine into the test cache and reused while this file and
+the source model are unchanged (a few seconds each for a 253 MB model).
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+# A chat template in Gemma's turn format, as instruct GGUFs carry one (written for these
+# tests): a system message goes before the first user turn, the assistant is `model`.
+GEMMA_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set preamble = messages[0]['content'] + '\n\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set preamble = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<start_of_turn>' + role + '\n' + (preamble if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
+)
+UNKNOWN_ARCHITECTURE = "gemma99"
+
+
+def _copy(source: Path, target: Path, changes: dict[str, str], split_max_tensors: int = 0) -> None:
+    """Rewrite a GGUF with string metadata `changes` (general.architecture included),
+    and split into parts of at most `split_max_tensors` tensors when that is not 0."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(source)
+    arch = changes.get("general.architecture") or reader.get_field("general.architecture").contents()
+    writer = GGUFWriter(target, arch=arch, split_max_tensors=split_max_tensors)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture" or field.name in changes:
+            continue
+        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    for key, value in changes.items():
+        if key != "general.architecture":
+            writer.add_string(key, value)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
+                               tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data)
+    writer.close()
+
+
+def _cut(source: Path, target: Path) -> None:
+    """The header and the first part of the tensor data: an interrupted upload."""
+    with source.open("rb") as src, target.open("wb") as out:
+        out.write(src.read(source.stat().st_size * 3 // 4))
+
+
+class DerivedModels:
+    """Paths of the derived models, made on first use under `folder`."""
+
+    def __init__(self, source: Path, folder: Path):
+        stamp = hashlib.sha256(Path(__file__).read_bytes() + str(source.stat().st_size).encode()).hexdigest()[:12]
+        self.source, self.folder = source, folder / stamp
+        if folder.exists():
+            for old in folder.iterdir():
+                if old != self.folder:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def _made(self, name: str, make) -> list[Path]:
+        """The file(s) `make(target)` writes, made once: a folder is complete only when renamed."""
+        done = self.folder / name
+        if not done.exists():
+            work = self.folder / f"{name}.partial"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            make(work / f"{name}.gguf")
+            work.rename(done)
+        return sorted(done.iterdir())
+
+    def with_template(self) -> Path:
+        """The test model with `tokenizer.chat_template`, as instruct models ship."""
+        (path,) = self._made("gemma-3-270m-it-Q4_K_M", lambda target: _copy(
+            self.source, target, {"tokenizer.chat_template": GEMMA_TEMPLATE}))
+        return path
+
+    def split(self) -> list[Path]:
+        """The test model in three parts, named as llama.cpp's gguf-split names them."""
+        tensors = len(__import__("gguf").GGUFReader(self.source).tensors)
+        return self._made("gemma-3-270m-Q4_K_M", lambda target: _copy(
+            self.source, target, {}, split_max_tensors=tensors // 3 + 1))
+
+    def unknown_architecture(self) -> Path:
+        (path,) = self._made("gemma-3-270m-future-Q4_K_M", lambda target: _copy(
+            self.source, target, {"general.architecture": UNKNOWN_ARCHITECTURE}))
+        return path
+
+    def cut_short(self) -> Path:
+        (path,) = self._made("gemma-3-270m-cut-Q4_K_M", lambda target: _cut(self.source, target))
+        return path
