@@ -7,6 +7,12 @@ ARG BASE_IMAGE=docker.io/library/debian:bookworm-20251229-slim
 
 # ---- builder: compilers stay in this stage --------------------------------
 FROM ${BASE_IMAGE} AS builder
+# First, on another platform (Apple Silicon without --platform linux/amd64): every
+# llama.cpp build below is x86-64 code. The entrypoint checks the same at start.
+RUN arch="$(uname -m)"; if [ "$arch" != x86_64 ]; then \
+        echo "error: this image runs on x86-64 (linux/amd64) only; this machine is $arch: build and run it with --platform linux/amd64 (emulated, and slow, on Apple Silicon; an x86-64 machine or VM is faster)" >&2; \
+        exit 1; \
+    fi
 # DL3008 (apt versions unpinned): the dated base tag fixes the Debian release;
 # exact package versions would break the build at each security update.
 # hadolint ignore=DL3008

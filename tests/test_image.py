@@ -23,7 +23,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from conftest import ALIAS, REPO, REPO_FILES, ROOT, HubStandin, processes_with_env
+from conftest import ALIAS, REPO, REPO_FILES, ROOT, HubStandin, free_port, processes_with_env
 
 BASE_IMAGE = "localhost/debian:bookworm-slim"
 CACHE = Path(os.environ.get("LOCALLLM_TEST_CACHE", Path.home() / ".cache/localllm-tests"))
@@ -209,14 +209,15 @@ class Container:
     environment and working directory, on the host network. One variable is
     added, a marker that tells this container's processes from other tests'."""
 
-    def __init__(self, tag: str):
+    def __init__(self, tag: str, **environ: str):
+        """`environ`: `docker run -e NAME=VALUE` options."""
         config = inspect(tag)["Docker"]["config"]
         self.config = config
         self.name = buildah("from", tag).stdout.strip()
         self.marker = f"LOCALLLM_TEST_MARKER={uuid.uuid4().hex}"
         options = ["--isolation", "chroot", "--network", "host", "--user", config["User"],
                    "--workingdir", config["WorkingDir"], "--env", self.marker]
-        for entry in config["Env"]:
+        for entry in [*config["Env"], *(f"{name}={value}" for name, value in environ.items())]:
             options += ["--env", entry]
         self.options = options
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{self.name}.log", "w+")
@@ -279,6 +280,41 @@ def container(images):
         running.remove()
 
 
+def test_the_slim_image_downloads_its_model_at_start_and_answers(images, model_path, report):
+    """PULL_MODEL=0: `serve` pulls from the hub (the stand-in) when the container starts."""
+    port = free_port()
+    with HubStandin({REPO: {name: model_path for name in REPO_FILES}}) as hub:
+        running = Container(images.slim, PORT=str(port), HF_ENDPOINT=hub.url)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                assert running.proc.poll() is None, running.output()
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, running.output()
+                    time.sleep(0.2)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+            reply = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hello"}],
+                                                   max_tokens=8)
+            assert reply.choices[0].message.content.strip() and reply.model == ALIAS
+            assert "downloading it now" in running.output()
+            report("slim image: first answer", repr(reply.choices[0].message.content))
+        finally:
+            running.remove()
+
+
+def test_the_slim_image_offline_without_its_model_says_so(images):
+    running = Container(images.slim, PORT=str(free_port()), HF_HUB_OFFLINE="1")
+    try:
+        assert running.proc.wait(120) == 2, running.output()
+        last = running.output().strip().splitlines()[-1]
+        assert last.startswith(f"error: MODEL={REPO} is not in this image's model cache and HF_HUB_OFFLINE=1"), last
+    finally:
+        running.remove()
+
+
 def test_container_answers_offline(container):
     with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/v1/models", timeout=5) as reply:
         assert [m["id"] for m in json.load(reply)["data"]] == [ALIAS]
@@ -317,10 +353,19 @@ def test_server_runs_as_non_root_and_listens_only_on_its_port(container):
     assert listening == {PORT}
 
 
+def kernel_flags() -> set[str]:
+    """The CPU's features as the kernel reports them (true here: no emulation in these tests)."""
+    return set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+
+
+AVX512_FLAGS = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
+LEVEL_FLAGS = {"avx512": AVX512_FLAGS, "avx512_vnni": AVX512_FLAGS | {"avx512vbmi", "avx512_vnni"}}
+
+
 def test_the_best_cpu_build_for_this_machine_is_loaded(container):
-    import entrypoint
-    features = entrypoint.cpu_features()
-    expected = next(level for level, needs in entrypoint.CPU_LEVELS.items() if needs <= features)
+    """The expectation from /proc/cpuinfo, not from the entrypoint's own CPUID code."""
+    flags = kernel_flags()
+    expected = next((level for level in ("avx512_vnni", "avx512") if LEVEL_FLAGS[level] <= flags), "avx2")
     (server,) = container.processes("llama_cpp.server.app")
     environ = Path(f"/proc/{server}/environ").read_bytes().split(b"\0")
     assert f"LLAMA_CPP_LIB_PATH=/opt/llama-cpu/{expected}".encode() in environ
@@ -356,12 +401,25 @@ def image_root(images):
         buildah("rm", name, check=False)
 
 
-def run_emulated(image_root, cpu: str, **env: str) -> subprocess.CompletedProcess:
+def run_emulated(image_root, cpu: str | None, **env: str) -> subprocess.CompletedProcess:
+    """EMULATED_RUN in the image's file system, on an emulated `cpu` (None: this CPU itself)."""
     root, config = image_root
     environ = dict(entry.split("=", 1) for entry in config["Env"])
-    return subprocess.run(["chroot", "--userspec=1000:1000", str(root), "/tmp/qemu", "-cpu", cpu,
+    emulator = ["/tmp/qemu", "-cpu", cpu] if cpu else []
+    return subprocess.run(["chroot", "--userspec=1000:1000", str(root), *emulator,
                            "/opt/venv/bin/python3", "-c", EMULATED_RUN], env={**environ, **env},
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("level", ["avx512", "avx512_vnni"])
+def test_an_avx512_build_loads_and_generates_on_this_cpu(image_root, level):
+    """The builds DataSphere's Ice Lake nodes load; only a CPU that has the instructions can run them."""
+    lacking = sorted(LEVEL_FLAGS[level] - kernel_flags())
+    if lacking:
+        pytest.skip(f"the {level} build is not run: this CPU lacks {', '.join(lacking)} (an AVX2-only machine)")
+    done = run_emulated(image_root, None, FORCE_LEVEL=level)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stdout.splitlines() == [f"level {level}", "generated 2"]
 
 
 def test_an_avx2_cpu_runs_the_image_with_the_avx2_build(image_root):

@@ -347,3 +347,25 @@ def test_a_cpu_without_avx2_gets_a_clear_message(levels_dir):
     assert done.stderr.strip().splitlines()[-1] == (
         "error: this CPU lacks avx, avx2, bmi2, f16c, fma: the image needs an x86-64 CPU with AVX2 "
         "(Intel Haswell or AMD Zen and newer)")
+
+
+def test_the_whole_serve_command_on_a_cpu_without_avx2(tmp_path):
+    """qemu -cpu Westmere (no AVX): `serve` says so in one line before anything loads llama.cpp."""
+    env_file = write_model_env(tmp_path / "model.env", MODEL="TheBloke/Foo-7B-GGUF")
+    done = subprocess.run([QEMU, "-cpu", "Westmere", sys.executable, str(ROOT / "entrypoint.py"), "serve"],
+                          env=clean_environ(MODEL_ENV_FILE=str(env_file)), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: this CPU lacks avx, avx2, bmi2, f16c, fma: the image needs an x86-64 CPU with AVX2 "
+        "(Intel Haswell or AMD Zen and newer)"]
+
+
+def test_another_platform_is_named_before_any_x86_code_runs(tmp_path):
+    """`setarch i686` makes the kernel report another machine, as an arm64 container's kernel does."""
+    env_file = write_model_env(tmp_path / "model.env", MODEL="TheBloke/Foo-7B-GGUF")
+    done = subprocess.run(["setarch", "i686", sys.executable, str(ROOT / "entrypoint.py"), "serve"],
+                          env=clean_environ(MODEL_ENV_FILE=str(env_file)), capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "error: this image runs on x86-64 (linux/amd64) only; this machine is i686: build and run it with "
+        "--platform linux/amd64 (emulated, and slow, on Apple Silicon; an x86-64 machine or VM is faster)"]
