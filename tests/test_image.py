@@ -239,6 +239,18 @@ class Container:
                 continue
         return found
 
+    def wait_ready(self, port: int, seconds: float) -> None:
+        """Until /v1/models answers on `port`; fails with the container's log if it exits or takes longer."""
+        deadline = time.monotonic() + seconds
+        while True:
+            assert self.proc.poll() is None, self.output()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
+                    return
+            except OSError:
+                assert time.monotonic() < deadline, self.output()
+                time.sleep(0.2)
+
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read()
@@ -266,15 +278,7 @@ def container(images):
     assert_port_free(PORT)
     running = Container(images.served)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert running.proc.poll() is None, running.output()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/v1/models", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, running.output()
-                time.sleep(0.2)
+        running.wait_ready(PORT, 180)
         yield running
     finally:
         running.remove()
@@ -286,15 +290,7 @@ def test_the_slim_image_downloads_its_model_at_start_and_answers(images, model_p
     with HubStandin({REPO: {name: model_path for name in REPO_FILES}}) as hub:
         running = Container(images.slim, PORT=str(port), HF_ENDPOINT=hub.url)
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                assert running.proc.poll() is None, running.output()
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
-                        break
-                except OSError:
-                    assert time.monotonic() < deadline, running.output()
-                    time.sleep(0.2)
+            running.wait_ready(port, 300)
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
             reply = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hello"}],
                                                    max_tokens=8)
