@@ -217,8 +217,9 @@ class Container:
         self.marker = f"LOCALLLM_TEST_MARKER={uuid.uuid4().hex}"
         options = ["--isolation", "chroot", "--network", "host", "--user", config["User"],
                    "--workingdir", config["WorkingDir"], "--env", self.marker]
-        for entry in [*config["Env"], *(f"{name}={value}" for name, value in environ.items())]:
-            options += ["--env", entry]
+        image_env = dict(entry.split("=", 1) for entry in config["Env"])
+        for name, value in {**image_env, **environ}.items():  # -e replaces the image's value
+            options += ["--env", f"{name}={value}"]
         self.options = options
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{self.name}.log", "w+")
         self.proc = subprocess.Popen(["buildah", "run", *options, self.name, "--",
