@@ -12,6 +12,7 @@ tree and exits non-zero when the server dies, so the platform restarts it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import os
@@ -211,6 +212,7 @@ def chat_formats() -> set[str]:
     return set(llama_chat_format.LlamaChatCompletionHandlerRegistry()._chat_handlers)
 
 
+@functools.cache
 def server_settings() -> dict:
     """llama-cpp-python server settings by environment name (pydantic-settings, upper case)."""
     from llama_cpp.server.settings import ModelSettings, ServerSettings

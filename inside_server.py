@@ -360,13 +360,15 @@ def wants_logprobs(request) -> bool:
 class RequestGuard:
     """ASGI middleware in front of llama-cpp-python's app: reads each POST body once,
     answers what cannot run with a 400 naming the field, and passes the rest on,
-    unchanged but for with_defaults_explicit and the served alias as `model`. It runs before the API key check, which
-    is in the app: a caller without the key learns no more than /openapi.json says."""
+    unchanged but for with_defaults_explicit and the served alias as `model`. It runs
+    before the API key check, which is in the app: a caller without the key learns no
+    more than /openapi.json says."""
 
     def __init__(self, app, model: ServedModel):
         self.app, self.model = app, model
         self.models = request_models()
         self.nulls_to_drop = {path: nulls_meaning_default(model) for path, model in self.models.items()}
+        self.naming_a_model = {path for path, model in self.models.items() if "model" in model.model_fields}
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
@@ -377,7 +379,7 @@ class RequestGuard:
             body = await read_body(receive)
             data = parse_json(body, headers.get("content-type", ""))
             explicit = with_defaults_explicit(data, self.nulls_to_drop[path])
-            if "model" in self.models[path].model_fields:
+            if path in self.naming_a_model:
                 explicit["model"] = self.model.alias  # the reply names the model /v1/models lists, never a path
             if explicit != data:
                 data, body = explicit, json.dumps(explicit).encode()

@@ -91,7 +91,8 @@ class DerivedModels:
 
     def split(self) -> list[Path]:
         """The test model in three parts, named as llama.cpp's gguf-split names them."""
-        tensors = len(__import__("gguf").GGUFReader(self.source).tensors)
+        from gguf import GGUFReader
+        tensors = len(GGUFReader(self.source).tensors)
         return self._made("gemma-3-270m-Q4_K_M", lambda target: _copy(
             self.source, target, {}, split_max_tensors=tensors // 3 + 1))
 

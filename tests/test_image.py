@@ -372,7 +372,7 @@ def test_the_best_cpu_build_for_this_machine_is_loaded(container):
     assert f"{expected} build" in container.output()
 
 
-EMULATED_RUN = """
+IMAGE_RUN = """
 import os, sys
 sys.path.insert(0, "/app")
 import entrypoint
@@ -400,13 +400,13 @@ def image_root(images):
         buildah("rm", name, check=False)
 
 
-def run_emulated(image_root, cpu: str | None, **env: str) -> subprocess.CompletedProcess:
-    """EMULATED_RUN in the image's file system, on an emulated `cpu` (None: this CPU itself)."""
+def run_in_image(image_root, cpu: str | None, **env: str) -> subprocess.CompletedProcess:
+    """IMAGE_RUN in the image's file system, on an emulated `cpu` (None: this CPU itself)."""
     root, config = image_root
     environ = dict(entry.split("=", 1) for entry in config["Env"])
     emulator = ["/tmp/qemu", "-cpu", cpu] if cpu else []
     return subprocess.run(["chroot", "--userspec=1000:1000", str(root), *emulator,
-                           "/opt/venv/bin/python3", "-c", EMULATED_RUN], env={**environ, **env},
+                           "/opt/venv/bin/python3", "-c", IMAGE_RUN], env={**environ, **env},
                           capture_output=True, text=True, timeout=600)
 
 
@@ -416,21 +416,21 @@ def test_an_avx512_build_loads_and_generates_on_this_cpu(image_root, level):
     lacking = sorted(LEVEL_FLAGS[level] - kernel_flags())
     if lacking:
         pytest.skip(f"the {level} build is not run: this CPU lacks {', '.join(lacking)} (an AVX2-only machine)")
-    done = run_emulated(image_root, None, FORCE_LEVEL=level)
+    done = run_in_image(image_root, None, FORCE_LEVEL=level)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert done.stdout.splitlines() == [f"level {level}", "generated 2"]
 
 
 def test_an_avx2_cpu_runs_the_image_with_the_avx2_build(image_root):
     """qemu -cpu Haswell: AVX2 but no AVX-512. The model loads and generates."""
-    done = run_emulated(image_root, "Haswell")
+    done = run_in_image(image_root, "Haswell")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert done.stdout.splitlines() == ["level avx2", "generated 2"]
 
 
 def test_the_avx512_build_would_die_on_that_cpu(image_root):
     """The control: why the choice matters (illegal instruction, signal 4)."""
-    done = run_emulated(image_root, "Haswell", FORCE_LEVEL="avx512_vnni")
+    done = run_in_image(image_root, "Haswell", FORCE_LEVEL="avx512_vnni")
     assert done.returncode in (-4, 128 + 4), (done.returncode, done.stdout, done.stderr[-2000:])
 
 
