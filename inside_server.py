@@ -7,7 +7,9 @@ in: uvicorn applies it before it imports the app. It brings in:
   has returned (see ../shared/localllm-contract.md, "Consequences for a container").
 - RequestGuard: checks each request before llama-cpp-python 0.3.36 sees it, so bad
   input gets a 400 that names the field instead of a 500, or a crash of the whole
-  shared server (a grammar that does not parse, a token id outside the vocabulary).
+  shared server (a grammar that does not parse, a token id outside the vocabulary);
+  translates what today's OpenAI clients send (openai_compat.py) and puts the reply
+  together; stops a generation whose client has left.
 - Draining on stop: streams in flight may finish within the grace period instead of
   being cut the moment SIGTERM arrives (sse-starlette's default).
 - The reason a start failed: llama.cpp's own words when it cannot load the model
@@ -16,6 +18,8 @@ in: uvicorn applies it before it imports the app. It brings in:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -23,12 +27,17 @@ import re
 import sys
 from dataclasses import dataclass
 
+import openai_compat
+from openai_compat import BadRequest
+
 READY_LINE = "Uvicorn running on"
 # The file the server writes why it could not start to; set by the entrypoint.
 START_ERROR_VARIABLE = "LOCALLLM_START_ERROR_FILE"
 # enum ggml_log_level in the pinned llama.cpp: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 # (llama_cpp/_logger.py of 0.3.36 still documents an older order).
 GGML_LOG_ERROR, GGML_LOG_CONT = 4, 5
+# llama-cpp-python's chat formats that turn tool calls in the text into tool_calls themselves.
+FUNCTION_CALLING_FORMATS = ("chatml-function-calling", "functionary", "functionary-v1", "functionary-v2")
 MAX_BODY_BYTES = 16 << 20  # far above any prompt that fits a context; a bound on what one request can make us hold
 # Fields the OpenAPI schema lets be null, which llama-cpp-python passes on as None to
 # llama.cpp's sampler (a ctypes TypeError, a 500). See nulls_meaning_default.
@@ -106,6 +115,7 @@ def install() -> logging.Filter:
             raise
         proxy = server_app._llama_proxy
         model = ServedModel.of(proxy._current_model, proxy._default_model_alias)
+        watch_generations(proxy._current_model)
         # Innermost, inside the app's CORS middleware: its answers carry the CORS headers too.
         app.user_middleware.append(Middleware(RequestGuard, model=model))
         return app
@@ -181,32 +191,43 @@ def refuse_unparsed_grammars() -> None:
 
 # ---------------------------------------------------------- request checks ---
 
-class BadRequest(Exception):
-    """A request the model server must not run: answered with `status` and an
-    OpenAI-style error naming `param`."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.param, self.status = param, status
-
-    def body(self) -> bytes:
-        return json.dumps({"error": {"message": str(self), "type": "invalid_request_error",
-                                     "param": self.param, "code": None}}).encode()
-
-
 @dataclass(frozen=True)
 class ServedModel:
-    """What the checks need to know about the loaded model. Both methods only read the
-    vocabulary, so they are safe while another request generates."""
+    """What the checks and translations need to know about the loaded model. The methods only
+    read the vocabulary and the chat format, so they are safe while another request generates."""
     vocabulary: int
     logits_all: bool
     embeddings: bool
     alias: str  # MODEL_ALIAS, the id /v1/models shows
+    chat_format: str  # llama-cpp-python's name of the format in use; chat_template.* for a GGUF template
+    template: str  # the GGUF chat template in use, or "" for one of llama-cpp-python's own formats
     llama: object  # llama_cpp.Llama
 
     @classmethod
     def of(cls, llama, alias: str) -> "ServedModel":
-        return cls(llama.n_vocab(), bool(llama._logits_all), bool(llama.context_params.embeddings), alias, llama)
+        chat_format = llama.chat_format or ""
+        template = llama.metadata.get(f"tokenizer.{chat_format}".replace(".default", ""), "") \
+            if chat_format.startswith("chat_template.") else ""
+        return cls(llama.n_vocab(), bool(llama._logits_all), bool(llama.context_params.embeddings), alias,
+                   chat_format, template, llama)
+
+    def tools_in_prompt(self) -> bool:
+        """A GGUF template that reads `tools` shows them to the model; llama-cpp-python's own
+        formats (gemma, chatml, ...) leave them out."""
+        return "tools" in self.template
+
+    def reads_its_own_tool_calls(self) -> bool:
+        return self.chat_format in FUNCTION_CALLING_FORMATS
+
+    def schema_error(self, schema) -> str | None:
+        """Why a JSON schema cannot become a grammar llama.cpp follows; llama-cpp-python would
+        fall back to any JSON without a word."""
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+        try:
+            grammar = json_schema_to_gbnf(json.dumps(schema))
+        except Exception as exc:  # the converter raises plain exceptions of several kinds
+            return re.sub(r"\s*\(use --allow-fetch[^)]*\)", "", str(exc)) or type(exc).__name__  # no CLI here
+        return None if self.parses(grammar) else "llama.cpp cannot parse the grammar made from it"
 
     def parses(self, grammar: str) -> bool:
         """True when llama.cpp accepts the grammar; sampling with one it rejects
@@ -287,14 +308,9 @@ def nulls_meaning_default(model_class) -> frozenset[str]:
 
 def with_defaults_explicit(data: dict, nulls_to_drop: frozenset[str]) -> dict:
     """What OpenAI's API leaves implicit and llama-cpp-python 0.3.36 refuses or fails
-    on: those fields set to null are dropped, and an assistant message without content
-    (one that only calls tools) gets empty content, which the chat formats read."""
-    data = {key: value for key, value in data.items() if not (key in nulls_to_drop and value is None)}
-    if isinstance(data.get("messages"), list):
-        data["messages"] = [{"content": "", **message}
-                            if isinstance(message, dict) and message.get("role") == "assistant" else message
-                            for message in data["messages"]]
-    return data
+    on: those fields set to null are dropped (an assistant message's null content is
+    filled in by openai_compat.translate_message)."""
+    return {key: value for key, value in data.items() if not (key in nulls_to_drop and value is None)}
 
 
 def check_token_ids(ids, model: ServedModel, param: str) -> None:
@@ -359,10 +375,12 @@ def wants_logprobs(request) -> bool:
 
 class RequestGuard:
     """ASGI middleware in front of llama-cpp-python's app: reads each POST body once,
-    answers what cannot run with a 400 naming the field, and passes the rest on,
-    unchanged but for with_defaults_explicit and the served alias as `model`. It runs
-    before the API key check, which is in the app: a caller without the key learns no
-    more than /openapi.json says."""
+    answers what cannot run with a 400 naming the field, translates what today's OpenAI
+    clients send into what the app runs (openai_compat), and puts the reply together from
+    the app's: one run per choice, the served alias as `model`. While the app runs it
+    listens for the client, so a client that leaves stops its generation (Generation).
+    It runs before the API key check, which is in the app: a caller without the key
+    learns no more than /openapi.json says."""
 
     def __init__(self, app, model: ServedModel):
         self.app, self.model = app, model
@@ -378,51 +396,218 @@ class RequestGuard:
         try:
             body = await read_body(receive)
             data = parse_json(body, headers.get("content-type", ""))
-            explicit = with_defaults_explicit(data, self.nulls_to_drop[path])
+            data = with_defaults_explicit(data, self.nulls_to_drop[path])
+            data, plan = openai_compat.translate(path, data, self.model)
             if path in self.naming_a_model:
-                explicit["model"] = self.model.alias  # the reply names the model /v1/models lists, never a path
-            if explicit != data:
-                data, body = explicit, json.dumps(explicit).encode()
+                data["model"] = self.model.alias  # the reply names the model /v1/models lists, never a path
             request = validated(self.models[path], data)
             check_semantics(path, request, self.model)
         except BadRequest as problem:
             return await answer(send, problem.status, problem.body())
         except ClientGone:
             return
-        await self.run_holding_start(scope, replay(body, receive), send, request)
+        import anyio
+        client = Client(receive)
+        async with anyio.create_task_group() as listening:
+            listening.start_soon(client.listen)
+            await self.run(scope, client, send, data, request, plan)
+            listening.cancel_scope.cancel()
 
-    async def run_holding_start(self, scope, receive, send, request) -> None:
-        """Run the app, holding its response back until the first body part with
-        content: a stream that fails before its first event (a prompt longer than the
-        context is found only then) gets the error llama-cpp-python gives the same
-        request unstreamed, instead of a 200 with an empty body."""
-        held: list | None = []  # None once the client has had them
+    async def run(self, scope, client: "Client", send, data: dict, request, plan) -> None:
+        """One run of the app per choice; a stream is passed on as it comes, an unstreamed
+        reply once all choices are in."""
+        reply = openai_compat.Reply(plan)
+        response = StreamedResponse(send, reply) if plan.stream else None
+        for choice in range(plan.choices):
+            generation = Generation(client)
+            token = GENERATION.set(generation)
+            try:
+                body = json.dumps(plan.body_for(choice, data)).encode()
+                if response is None:
+                    status, headers, content = await self.run_collecting(scope, client.receive(body), request)
+                    if status != 200:
+                        return await answer(send, status, content, headers)
+                    reply.add(choice, json.loads(content))
+                elif not await response.run(self.app, scope, client.receive(body), choice, request):
+                    return
+                reply.count(choice, generation.prompt_tokens, generation.completion_tokens)
+            finally:
+                GENERATION.reset(token)
+            if client.gone:
+                return
+        if response is None:
+            return await answer(send, 200, json.dumps(reply.merged).encode())
+        await response.end(plan.include_usage)
 
-        async def send_when_content(message) -> None:
-            nonlocal held
-            if held is None:
-                return await send(message)
-            held.append(message)
-            if message.get("body"):
-                for message in held:
-                    await send(message)
-                held = None
+    async def run_collecting(self, scope, receive, request) -> tuple[int, list, bytes]:
+        """The app's whole answer: status, headers and body."""
+        start, parts = {}, []
+
+        async def keep(message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            else:
+                parts.append(message.get("body", b""))
+
+        await self.app(scope, receive, keep)
+        return start.get("status", 500), start.get("headers", []), b"".join(parts)
+
+
+GENERATION: contextvars.ContextVar = contextvars.ContextVar("generation", default=None)
+
+
+class Generation:
+    """One run's tokens, counted where llama-cpp-python makes them (its streams carry no
+    usage), and its client, whose leaving ends the generation at the next token."""
+
+    def __init__(self, client: "Client"):
+        self.client, self.prompt_tokens, self.completion_tokens = client, 0, 0
+
+
+def watch_generations(llama) -> None:
+    """Wrap this Llama's generate(), the loop every completion runs, to count each request's
+    tokens and to stop when its client has left. It finds the request in GENERATION, which
+    starlette's worker threads inherit from the request's task."""
+    import llama_cpp
+    generate, vocab = llama.generate, llama._model.vocab
+
+    def generate_watched(tokens, *args, **kwargs):
+        generation = GENERATION.get()
+        tokens_made = generate(tokens, *args, **kwargs)
+        if generation is None:
+            return tokens_made
+        generation.prompt_tokens = len(tokens)
+        return counted(generation, tokens_made)
+
+    def counted(generation: Generation, tokens_made):
+        with contextlib.closing(tokens_made):
+            for token in tokens_made:
+                if generation.client.gone:
+                    logging.getLogger("uvicorn.error").info(
+                        "the client left: generation stopped after %d tokens", generation.completion_tokens)
+                    return
+                if not llama_cpp.llama_vocab_is_eog(vocab, token):
+                    generation.completion_tokens += 1
+                yield token
+
+    llama.generate = generate_watched
+
+
+class StreamedResponse:
+    """A streamed reply made of the app's event streams, one per choice: their events
+    rewritten by openai_compat.Reply, one [DONE] at the very end. The response start is
+    held back until the first event, so that a stream that fails before it (a prompt
+    longer than the context is found only then) gets the error llama-cpp-python gives the
+    same request unstreamed, instead of a 200 with an empty body."""
+
+    def __init__(self, send, reply):
+        self.send, self.reply = send, reply
+        self.started = False
+        self.start: dict | None = None
+        self.pending = b""  # the start of an event whose end has not come yet
+
+    async def run(self, app, scope, receive, choice: int, request) -> bool:
+        """Run the app for one choice; False when it answered with an error instead."""
+        error: list = []
+
+        async def send_rewritten(message) -> None:
+            if message["type"] == "http.response.start":
+                if message["status"] != 200:
+                    error.append(message)
+                elif not self.started:
+                    self.start = message
+                return
+            if error:
+                error.append(message)
+                return
+            await self.events(choice, message.get("body", b""))
 
         try:
-            await self.app(scope, receive, send_when_content)
+            await app(scope, receive, send_rewritten)
         except Exception as exc:
-            if held is None:
+            if self.started:
                 raise
             from llama_cpp.server.errors import RouteErrorHandler
             # It reads only its class's patterns: how the app words the same error unstreamed.
-            status, error = RouteErrorHandler.error_message_wrapper(RouteErrorHandler, exc, request)
-            return await answer(send, status, json.dumps({"error": error}).encode())
-        for message in held or []:
-            await send(message)
+            status, body = RouteErrorHandler.error_message_wrapper(RouteErrorHandler, exc, request)
+            await answer(self.send, status, json.dumps({"error": body}).encode())
+            return False
+        if error:
+            if self.started:
+                raise RuntimeError(f"the model server answered {error[0]['status']} in the middle of a stream")
+            await self.send(error[0])
+            for message in error[1:]:
+                await self.send(message)
+            return False
+        return True
+
+    async def events(self, choice: int, body: bytes) -> None:
+        self.pending += body
+        *whole, self.pending = self.pending.split(SSE_END)
+        out = []
+        for event in whole:
+            if not event.startswith(b"data: "):
+                out.append(event + SSE_END)  # a comment, such as sse-starlette's ping
+                continue
+            data = event[len(b"data: "):]
+            if data.strip() == b"[DONE]":
+                continue
+            if self.reply.template and not self.reply.rewrites_chunks:
+                out.append(event + SSE_END)  # as the app wrote it: no per-token work when nothing changes
+                continue
+            out.extend(sse(chunk) for chunk in self.reply.chunk(choice, json.loads(data)))
+        if out:
+            await self.write(b"".join(out))
+
+    async def write(self, body: bytes, more: bool = True) -> None:
+        if not self.started:
+            self.started = True
+            await self.send(self.start)
+        await self.send({"type": "http.response.body", "body": body, "more_body": more})
+
+    async def end(self, include_usage: bool) -> None:
+        tail = sse(self.reply.usage_chunk()) if include_usage else b""
+        await self.write(tail + b"data: [DONE]" + SSE_END, more=False)
+
+
+SSE_END = b"\n\n"  # how sse-starlette ends an event, as the app sets it up (sep="\n")
+
+
+def sse(chunk: dict) -> bytes:
+    return b"data: " + json.dumps(chunk).encode() + SSE_END
 
 
 class ClientGone(Exception):
     """The client disconnected while sending its request."""
+
+
+class Client:
+    """The client of one request after its body was read: `listen` waits for it to leave;
+    `receive(body)` is what the app reads, the body and then the leaving."""
+
+    def __init__(self, receive):
+        import anyio
+        self._receive, self.left, self.gone = receive, anyio.Event(), False
+
+    async def listen(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self.left.set()
+
+    def receive(self, body: bytes):
+        sent = False
+
+        async def receive_again():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            if not self.gone:  # starlette asks with a cancelled scope: answer at once when gone
+                await self.left.wait()
+            return {"type": "http.disconnect"}
+
+        return receive_again
 
 
 async def read_body(receive) -> bytes:
@@ -439,22 +624,9 @@ async def read_body(receive) -> bytes:
             return b"".join(chunks)
 
 
-def replay(body: bytes, receive):
-    """A `receive` that hands the app the body already read, then the client's own
-    messages (so the app still sees a disconnect)."""
-    sent = False
-
-    async def receive_again():
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return receive_again
-
-
-async def answer(send, status: int, body: bytes) -> None:
+async def answer(send, status: int, body: bytes, headers: list | None = None) -> None:
+    kept = [(key, value) for key, value in headers or [(b"content-type", b"application/json")]
+            if key.lower() != b"content-length"]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": kept + [(b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

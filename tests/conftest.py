@@ -188,6 +188,16 @@ def launch(folder: Path, hf_home: Path, prefix: tuple[str, ...] = (), model_env:
     return Entrypoint(env, port, prefix)
 
 
+def serve_from_hub(folder: Path, hub_url: str, model_env: dict[str, str], **environ: str) -> Entrypoint:
+    """Start `entrypoint.py serve` for a repo of a hub stand-in: model.env as given, the rest
+    from the environment; the model is downloaded at start, as a slim image (PULL_MODEL=0) does."""
+    port = free_port()
+    env_file = write_model_env(folder / f"model-{port}.env", **model_env)
+    env = clean_environ(HF_HOME=str(folder / "hf"), HF_ENDPOINT=hub_url, MODEL_ENV_FILE=str(env_file),
+                        PORT=str(port), LOCALLLM_TEST_MARKER=uuid.uuid4().hex, **environ)
+    return Entrypoint(env, port)
+
+
 @pytest.fixture
 def start_server(tmp_path, pulled_home):
     """Start servers of one's own (stopped and checked for leftovers at teardown)."""

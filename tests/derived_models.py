@@ -1,5 +1,6 @@
 """Test models derived from the real test GGUF (../shared/test-model.md) with llama.cpp's
-`gguf` package: the same weights with a chat template of their own, split in parts,
+`gguf` package: the same weights with a chat template of their own (one that shows
+tools too), split in parts,
 with an architecture llama.cpp does not know, or with their tensor data cut short.
 
 Each is written once per machine into the test cache and reused while this file and
@@ -22,6 +23,34 @@ GEMMA_TEMPLATE = (
     "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
     "{{- '<start_of_turn>' + role + '\n' + (preamble if loop.first else '') + message['content'] | trim"
     " + '<end_of_turn>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
+)
+# The same turns, with tools shown to the model and tool calls written the Hermes / Qwen way
+# (<tool_call>{"name": ..., "arguments": ...}</tool_call>, results in <tool_response>), as
+# tool-calling instruct GGUFs carry (written for these tests).
+TOOLS_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- if tools -%}"
+    "{{- '<start_of_turn>system\nYou may call these tools:\n<tools>\n' -}}"
+    "{%- for tool in tools -%}{{- tool | tojson + '\n' -}}{%- endfor -%}"
+    "{{- '</tools>\nTo call one, answer <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>'"
+    " + '<end_of_turn>\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{{- '<start_of_turn>user\n<tool_response>\n' + message['content'] + '\n</tool_response><end_of_turn>\n' -}}"
+    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') -%}"
+    "{{- '<start_of_turn>model\n' -}}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{{- '<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": '"
+    " + call['function']['arguments'] + '}\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<end_of_turn>\n' -}}"
+    "{%- else -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
 )
@@ -87,6 +116,12 @@ class DerivedModels:
         """The test model with `tokenizer.chat_template`, as instruct models ship."""
         (path,) = self._made("gemma-3-270m-it-Q4_K_M", lambda target: _copy(
             self.source, target, {"tokenizer.chat_template": GEMMA_TEMPLATE}))
+        return path
+
+    def with_tools_template(self) -> Path:
+        """The test model with a chat template that shows tools, as tool-calling models ship."""
+        (path,) = self._made("gemma-3-270m-tools-Q4_K_M", lambda target: _copy(
+            self.source, target, {"tokenizer.chat_template": TOOLS_TEMPLATE}))
         return path
 
     def split(self) -> list[Path]:

@@ -4,13 +4,11 @@ llama.cpp cannot load. All are derived from the real test model (tests/derived_m
 and downloaded at start from the hub stand-in, as a slim image (PULL_MODEL=0) does."""
 from __future__ import annotations
 
-import uuid
-
 import openai
 import pytest
 
 import entrypoint
-from conftest import Entrypoint, HubStandin, clean_environ, free_port, write_model_env
+from conftest import Entrypoint, HubStandin, serve_from_hub
 
 TEMPLATE_REPO = "test-org/gemma-3-270m-it-GGUF"
 SPLIT_REPO = "test-org/gemma-3-270m-split-GGUF"
@@ -33,11 +31,7 @@ def serve_repo(tmp_path, models_hub):
     started: list[Entrypoint] = []
 
     def start(model_env: dict[str, str], **environ: str) -> Entrypoint:
-        port = free_port()
-        env_file = write_model_env(tmp_path / f"model-{port}.env", **model_env)
-        env = clean_environ(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=models_hub.url, MODEL_ENV_FILE=str(env_file),
-                            PORT=str(port), LOCALLLM_TEST_MARKER=uuid.uuid4().hex, **environ)
-        started.append(Entrypoint(env, port))
+        started.append(serve_from_hub(tmp_path, models_hub.url, model_env, **environ))
         return started[-1]
 
     yield start

@@ -1,0 +1,426 @@
+"""Today's OpenAI requests as llama-cpp-python 0.3.36's server can run them, and its
+replies as OpenAI's clients read them.
+
+The server implements the chat API of early 2024. The openai and LangChain clients
+of today send `max_completion_tokens`, `response_format: json_schema`, `developer`
+messages, content as a list of text parts, `stream_options`, `n`, `tool_choice:
+required`, and expect tool calls back as `tool_calls`. Each is translated here into
+what the server has (`translate`), and the server's replies are rewritten back
+(`Reply`); what has no equivalent gets a 400 that names the field and says what would
+work, never a silently different answer (docs/*/compatibility.md lists every case).
+
+This module works on JSON only: it owns the request and reply formats and never
+touches llama-cpp-python or the ASGI plumbing, which stay in inside_server.py. What
+it needs to know of the served model comes in through the `Served` protocol.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+MAX_CHOICES = 8  # n above this would hold a CPU server for n answers' time: ask again instead
+# Accepted and ignored: they steer OpenAI's own platform (storage, billing tiers, reasoning
+# models), not a local model. The docs' matrix shows each.
+IGNORED_FIELDS = ("metadata", "store", "reasoning_effort", "service_tier", "prediction", "user")
+TEXT_PART_TYPES = ("text", "refusal")  # a refusal part (an assistant turn) is text too
+# How instruct models write a tool call in text, tried in this order (see ToolCallReader).
+TOOL_CALL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)  # Hermes, Qwen 2.5 and 3
+MISTRAL_TOOL_CALLS = "[TOOL_CALLS]"  # Mistral: a JSON list after this marker
+
+
+class BadRequest(Exception):
+    """A request the model server must not run: answered with `status` and an
+    OpenAI-style error naming `param`."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+    def body(self) -> bytes:
+        return json.dumps({"error": {"message": str(self), "type": "invalid_request_error",
+                                     "param": self.param, "code": None}}).encode()
+
+
+class Served(Protocol):
+    """What the translation needs to know of the model being served."""
+
+    def tools_in_prompt(self) -> bool:
+        """True when the chat format shows offered tools to the model (a GGUF template that reads `tools`)."""
+
+    def reads_its_own_tool_calls(self) -> bool:
+        """True for llama-cpp-python's function-calling formats, which return tool_calls themselves."""
+
+    def schema_error(self, schema) -> str | None:
+        """Why llama.cpp's JSON-schema grammar cannot follow `schema`, or None when it can."""
+
+
+@dataclass
+class Plan:
+    """What the reply needs after the server has answered the translated request."""
+    stream: bool = False
+    choices: int = 1  # OpenAI's n: the server makes one per run
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    seed: int | None = None  # choice i runs with seed + i, so that n choices differ yet repeat
+    tool_names: tuple[str, ...] = ()  # read tool calls out of the text, among these tools
+    one_tool_call: bool = False  # parallel_tool_calls=false
+
+    def body_for(self, choice: int, data: dict) -> dict:
+        """The request body of one choice's run."""
+        if choice == 0 or self.seed is None:
+            return data
+        return {**data, "seed": self.seed + choice}
+
+
+def translate(path: str, data: dict, served: Served) -> tuple[dict, Plan]:
+    """The request as the server can run it, and the plan for its reply; BadRequest for
+    what it cannot run. `data` is a parsed JSON object; it is not changed."""
+    data = dict(data)
+    if path.endswith("/chat/completions"):
+        return data, translate_chat(data, served)
+    if path.endswith("/completions"):
+        return data, translate_completion(data)
+    return data, Plan()
+
+
+def translate_common(data: dict) -> Plan:
+    """stream_options and n, the same for chat and completions."""
+    stream = data.get("stream") is True
+    options = data.pop("stream_options", None)
+    if options is not None and not stream:
+        raise BadRequest("stream_options: only allowed with stream=true", "stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("stream_options: expected an object such as {\"include_usage\": true}", "stream_options")
+    choices = data.pop("n", None)
+    choices = 1 if choices is None else choices
+    if not isinstance(choices, int) or isinstance(choices, bool) or not 1 <= choices <= MAX_CHOICES:
+        raise BadRequest(f"n: expected a whole number from 1 to {MAX_CHOICES} on this server, got {choices!r} "
+                         "(each choice is generated in turn; for more, send the request again)", "n")
+    seed = data.get("seed")
+    return Plan(stream=stream, choices=choices, include_usage=bool((options or {}).get("include_usage")),
+                seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
+
+
+def translate_completion(data: dict) -> Plan:
+    plan = translate_common(data)
+    suffix = data.pop("suffix", None)
+    if suffix:  # "" and null mean no suffix
+        raise BadRequest("suffix: this server does not fill in the middle (llama-cpp-python 0.3.36 sends no "
+                         "infill tokens); send the text before the gap as the prompt, without suffix", "suffix")
+    best_of = data.pop("best_of", None)
+    if best_of is not None and best_of != plan.choices:
+        raise BadRequest(f"best_of: this server does not rank candidates, so best_of must equal n ({plan.choices}) "
+                         f"or be left out; got {best_of!r}", "best_of")
+    return plan
+
+
+def translate_chat(data: dict, served: Served) -> Plan:
+    plan = translate_common(data)
+    for name in IGNORED_FIELDS:
+        if name != "user":  # the server's own field, which it ignores too
+            data.pop(name, None)
+    translate_token_limit(data)
+    if "messages" in data and isinstance(data["messages"], list):
+        data["messages"] = [translate_message(i, message) for i, message in enumerate(data["messages"])]
+    refuse_audio_output(data)
+    translate_response_format(data, served)
+    plan.tool_names = translate_tools(data, served)
+    plan.one_tool_call = data.pop("parallel_tool_calls", None) is False
+    if data.get("logprobs") is True and data.get("top_logprobs") is None:
+        data["top_logprobs"] = 0  # OpenAI: logprobs alone gives each token's; the server needs a count
+    return plan
+
+
+def translate_token_limit(data: dict) -> None:
+    """max_completion_tokens is today's name of max_tokens, which the server reads."""
+    if data.get("max_completion_tokens") is None:
+        data.pop("max_completion_tokens", None)
+        return
+    limit = data["max_completion_tokens"]
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        raise BadRequest(f"max_completion_tokens: expected a whole number of tokens, got {limit!r}",
+                         "max_completion_tokens")
+    if data.get("max_tokens") is not None:
+        raise BadRequest("max_tokens and max_completion_tokens: set one, not both (max_completion_tokens is the "
+                         "current name; max_tokens is deprecated for chat)", "max_tokens")
+    data["max_tokens"] = data.pop("max_completion_tokens")
+
+
+def translate_message(index: int, message):
+    """developer is today's name of system; content given as parts becomes the text of its
+    parts; an assistant turn without content (one that only called tools, sent with null or
+    no content) gets empty content, which the chat formats read."""
+    if not isinstance(message, dict):
+        return message
+    message = dict(message)
+    if message.get("role") == "developer":
+        message["role"] = "system"
+    if message.get("role") == "assistant" and message.get("content") is None:
+        message["content"] = ""
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in TEXT_PART_TYPES:
+                raise BadRequest(f"messages.{index}.content.{j}: this server serves a text-only model and cannot "
+                                 f"read a part of type {kind or type(part).__name__!r}; send text parts (or the "
+                                 "content as a string)", f"messages.{index}.content.{j}.type")
+            text = part.get(kind)
+            if not isinstance(text, str):
+                raise BadRequest(f"messages.{index}.content.{j}.{kind}: expected a string",
+                                 f"messages.{index}.content.{j}.{kind}")
+            texts.append(text)
+        message["content"] = "\n".join(texts)
+    return message
+
+
+def refuse_audio_output(data: dict) -> None:
+    modalities = data.pop("modalities", None)
+    if data.pop("audio", None) is not None or (isinstance(modalities, list) and "audio" in modalities):
+        raise BadRequest("modalities: this server answers in text only; leave out audio and modalities "
+                         "(or send [\"text\"])", "modalities")
+
+
+def translate_response_format(data: dict, served: Served) -> None:
+    """json_schema becomes the server's schema-constrained json_object; a schema llama.cpp's
+    grammar cannot follow is refused (the server would quietly fall back to any JSON)."""
+    response_format = data.get("response_format")
+    if not isinstance(response_format, dict):
+        return
+    if response_format.get("type") == "text":
+        data.pop("response_format")
+    elif response_format.get("type") == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise BadRequest("response_format.json_schema: expected an object with a name and a schema",
+                             "response_format.json_schema")
+        schema = spec.get("schema")
+        data["response_format"] = {"type": "json_object"} if schema is None else \
+            {"type": "json_object", "schema": checked_schema(schema, served, "response_format.json_schema.schema")}
+
+
+def checked_schema(schema, served: Served, param: str):
+    problem = served.schema_error(schema)
+    if problem:
+        raise BadRequest(f"{param}: llama.cpp's JSON-schema grammar cannot follow this schema ({problem}); "
+                         "simplify it (plain objects, arrays, enums, strings, numbers)", param)
+    return schema
+
+
+def translate_tools(data: dict, served: Served) -> tuple[str, ...]:
+    """tool_choice as the server runs it; returns the tools whose calls must be read out of
+    the reply's text (auto on a template that shows tools, required with several tools)."""
+    tools = data.get("tools")
+    if not tools or data.get("functions") is not None or not isinstance(tools, list):
+        return ()
+    names = tuple(tool["function"]["name"] for tool in tools
+                  if isinstance(tool, dict) and isinstance(tool.get("function"), dict)
+                  and isinstance(tool["function"].get("name"), str))
+    if len(names) != len(tools):
+        return ()  # malformed: validation names the field
+    choice = data.get("tool_choice")
+    if choice is None or choice == "auto":
+        if served.reads_its_own_tool_calls():
+            return ()
+        if not served.tools_in_prompt():
+            raise BadRequest("tools: this model's chat format does not show tools to the model, so with tool_choice "
+                             "auto it would never call one; name the tool to call in tool_choice "
+                             "({\"type\": \"function\", \"function\": {\"name\": ...}}), or serve a model whose GGUF "
+                             "chat template supports tools", "tools")
+        return names
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        forced = choice["function"].get("name")
+        for tool in tools:
+            if tool["function"]["name"] == forced:
+                checked_schema(tool["function"].get("parameters", {}), served, "tools.function.parameters")
+        return ()
+    if choice == "required":
+        if len(tools) == 1:
+            data["tool_choice"] = {"type": "function", "function": {"name": names[0]}}
+            checked_schema(tools[0]["function"].get("parameters", {}), served, "tools.function.parameters")
+            return ()
+        if data.get("response_format") is not None:
+            raise BadRequest("response_format: cannot be combined with tool_choice required (the reply is a tool "
+                             "call)", "response_format")
+        # One call among several tools: a JSON object {"name", "arguments"} the grammar holds to
+        # the offered tools, read back as a tool call.
+        data["response_format"] = {"type": "json_object", "schema": checked_schema(
+            {"anyOf": [call_schema(tool["function"]) for tool in tools]}, served, "tools")}
+        data.pop("tool_choice")
+        return names
+    return ()
+
+
+def call_schema(function: dict) -> dict:
+    return {"type": "object", "properties": {"name": {"const": function["name"]},
+                                             "arguments": function.get("parameters") or {"type": "object"}},
+            "required": ["name", "arguments"]}
+
+
+# ------------------------------------------------------------------ replies ---
+
+@dataclass
+class ToolCallReader:
+    """Reads tool calls out of a reply's text, in the forms instruct models write them:
+    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes, Qwen), `[TOOL_CALLS]
+    [{...}]` (Mistral), or the whole reply one JSON object with "name" and "arguments" or
+    "parameters" (Llama 3.x). Only calls of offered tools count; anything else stays text."""
+    names: tuple[str, ...]
+    one_only: bool = False
+
+    def calls(self, text: str) -> tuple[str | None, list[dict]]:
+        """The text before the calls (None when empty) and the calls, or (text, []) if none."""
+        stripped = text.strip()
+        found: list = []
+        before = ""
+        if "<tool_call>" in stripped:
+            before, _, rest = stripped.partition("<tool_call>")
+            found = [parse_json_or_none(body) for body in TOOL_CALL_TAG.findall("<tool_call>" + rest)]
+        elif stripped.startswith(MISTRAL_TOOL_CALLS):
+            listed = parse_json_or_none(stripped[len(MISTRAL_TOOL_CALLS):])
+            found = listed if isinstance(listed, list) else [None]
+        elif stripped.startswith("{"):
+            found = [parse_json_or_none(stripped)]
+        calls = [self.call(item) for item in found]
+        if not calls or None in calls:
+            return text, []
+        return before.strip() or None, calls[:1] if self.one_only else calls
+
+    def call(self, item) -> dict | None:
+        if not isinstance(item, dict) or item.get("name") not in self.names:
+            return None
+        arguments = item.get("arguments", item.get("parameters", {}))
+        if isinstance(arguments, str):
+            arguments = parse_json_or_none(arguments)
+        if not isinstance(arguments, dict):
+            return None
+        return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": item["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
+
+
+class ToolCallStream:
+    """One streamed choice's text as it arrives: passed on at once, except from where a tool
+    call may begin (a tag anywhere; a marker or `{` at the very start), which is held back
+    until the end decides between tool calls and text."""
+    TAGS = ("<tool_call>",)
+    OPENINGS = (MISTRAL_TOOL_CALLS, "{")
+
+    def __init__(self, reader: ToolCallReader):
+        self.reader, self.held, self.said, self.calling = reader, "", False, False
+
+    def feed(self, text: str) -> str:
+        """The part of the text seen so far that can be sent now."""
+        self.held += text
+        if self.calling:
+            return ""
+        starts = [self.held.find(tag) for tag in self.TAGS if tag in self.held]
+        if not self.said and self.held.lstrip().startswith(self.OPENINGS):
+            starts.append(len(self.held) - len(self.held.lstrip()))
+        if starts:
+            self.calling = True
+            return self.release(min(starts))
+        keep = max((n for tag in self.TAGS for n in range(1, len(tag)) if self.held.endswith(tag[:n])), default=0)
+        if not self.said and any(opening.startswith(self.held.lstrip()) for opening in self.OPENINGS):
+            keep = len(self.held)
+        return self.release(len(self.held) - keep)
+
+    def release(self, upto: int) -> str:
+        out, self.held = self.held[:upto], self.held[upto:]
+        self.said = self.said or bool(out.strip())
+        return out
+
+    def end(self) -> tuple[str, list[dict]]:
+        """What is left to send as text, and the tool calls read from what was held."""
+        content, calls = self.reader.calls(self.held) if self.calling else (self.held, [])
+        return (content or "") if calls else self.held, calls
+
+
+def parse_json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+@dataclass
+class Reply:
+    """The reply to a translated request, put together from the server's replies to its
+    runs (one per choice): choice indexes, tool calls read out of text, the usage."""
+    plan: Plan
+    merged: dict | None = None  # the unstreamed reply so far
+    usage: dict = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+    template: dict | None = None  # a chunk's id, object, created and model, for the chunks made here
+    stream: ToolCallStream | None = None  # the streamed choice being read for tool calls
+
+    @property
+    def rewrites_chunks(self) -> bool:
+        """False when the server's chunks go out as they are (but the [DONE] between choices)."""
+        return self.plan.choices > 1 or bool(self.plan.tool_names)
+
+    @property
+    def reader(self) -> ToolCallReader | None:
+        return ToolCallReader(self.plan.tool_names, self.plan.one_tool_call) if self.plan.tool_names else None
+
+    # unstreamed
+    def add(self, choice: int, reply: dict) -> None:
+        for item in reply.get("choices", []):
+            item["index"] = choice
+            message = item.get("message")
+            if self.reader and isinstance(message, dict) and isinstance(message.get("content"), str):
+                content, calls = self.reader.calls(message["content"])
+                if calls:
+                    message.update(content=content, tool_calls=calls)
+                    item["finish_reason"] = "tool_calls"
+        usage = reply.get("usage")
+        if self.merged is None:
+            self.merged = reply
+        else:
+            self.merged["choices"].extend(reply.get("choices", []))
+            if usage and self.merged.get("usage"):
+                self.merged["usage"]["completion_tokens"] += usage["completion_tokens"]
+                self.merged["usage"]["total_tokens"] += usage["completion_tokens"]
+
+    # streamed
+    def chunk(self, choice: int, chunk: dict) -> list[dict]:
+        """The chunks to send for one chunk of the server's stream of choice `choice`."""
+        self.template = self.template or {key: chunk[key] for key in ("id", "object", "created", "model")
+                                          if key in chunk}
+        items = chunk.get("choices") or []
+        for item in items:
+            item["index"] = choice
+        if not (self.reader and len(items) == 1 and chunk.get("object") == "chat.completion.chunk"):
+            return [chunk]
+        item = items[0]
+        if self.stream is None:
+            self.stream = ToolCallStream(self.reader)
+        text = (item.get("delta") or {}).get("content")
+        if item.get("finish_reason") is None:
+            if not isinstance(text, str):
+                return [chunk]
+            ready = self.stream.feed(text)
+            return [self.delta(choice, {"content": ready})] if ready else []
+        content, calls = self.stream.end()
+        self.stream = None
+        out = [self.delta(choice, {"content": content})] if content else []
+        if calls:
+            out.append(self.delta(choice, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}))
+            return out + [self.delta(choice, {}, "tool_calls")]
+        return out + [chunk]
+
+    def delta(self, choice: int, delta: dict, finish_reason: str | None = None) -> dict:
+        return {**(self.template or {}), "choices": [{"index": choice, "delta": delta, "logprobs": None,
+                                                      "finish_reason": finish_reason}]}
+
+    def count(self, choice: int, prompt_tokens: int, completion_tokens: int) -> None:
+        """A streamed choice's tokens, counted where the server generated them."""
+        if choice == 0:
+            self.usage["prompt_tokens"] = prompt_tokens
+        self.usage["completion_tokens"] += completion_tokens
+        self.usage["total_tokens"] = self.usage["prompt_tokens"] + self.usage["completion_tokens"]
+
+    def usage_chunk(self) -> dict:
+        """stream_options.include_usage: the last chunk, with no choices and the usage."""
+        return {**(self.template or {}), "choices": [], "usage": dict(self.usage)}

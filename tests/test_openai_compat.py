@@ -1,0 +1,550 @@
+"""The OpenAI compatibility matrix, as tests: the requests today's openai and LangChain
+clients send, each against the real server through `entrypoint.py serve`, written the way
+the clients' own docs write them. Each row expects what OpenAI documents, or, where the
+engine cannot do it, a 400 that names the field and says what would work.
+
+The models: the test model with a chat template that shows tools (an instruct GGUF as
+users have them, CHAT_FORMAT absent) and with one that does not, both derived from the
+real test model (tests/derived_models.py). It is a base model behind an instruct template,
+so rows assert what must hold (limits, formats, schemas, equal answers), not what it says;
+where a row needs the model to write something particular (a tool call in text), a
+`grammar` (a llama-cpp-python extension) makes it.
+
+Every row records its outcome; the last test checks docs/*/compatibility.md against them
+(tests/compat_matrix.py).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx2
+import openai
+import pytest
+from pydantic import BaseModel
+
+import compat_matrix
+from conftest import HubStandin, serve_from_hub
+
+TOOLS_REPO = "test-org/gemma-3-270m-tools-GGUF"
+TEMPLATE_REPO = "test-org/gemma-3-270m-it-GGUF"
+TOOLS_ALIAS = "gemma-3-270m-tools"
+ENGINE = "localllm"
+N_CTX = "2048"
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The time in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "utc": {"type": "boolean"}},
+                   "required": ["city", "utc"]}}}
+# A grammar that makes the model write a tool call the Hermes way, as the tools template asks.
+# Answers in JSON that a base model ends (it goes on and on when merely asked for JSON).
+JSON_FEW_SHOT = [{"role": "user", "content": "The capital of Spain, in JSON."},
+                 {"role": "assistant", "content": '{"city": "Madrid", "country": "Spain"}'},
+                 {"role": "user", "content": "The capital of France, in JSON."}]
+HERMES_CALL = 'root ::= "<tool_call>\\n{\\"name\\": \\"get_weather\\", \\"arguments\\": {\\"city\\": \\"Paris\\"}}\\n</tool_call>"'
+
+recorded: dict[str, dict] = {}
+
+
+def record(row: str, refusal: openai.APIStatusError | None = None) -> None:
+    """The row's outcome: works (no refusal given), or the error the server answered."""
+    assert row in compat_matrix.ROWS, row
+    if refusal is None:
+        recorded[row] = {"status": 200}
+    else:
+        recorded[row] = {"status": refusal.status_code, "param": refusal.body["param"],
+                         "message": refusal.body["message"]}
+
+
+class Capital(BaseModel):
+    city: str
+    country: str
+
+
+@pytest.fixture(scope="module")
+def compat_hub(derived):
+    tools, template = derived.with_tools_template(), derived.with_template()
+    with HubStandin({TOOLS_REPO: {tools.name: tools}, TEMPLATE_REPO: {template.name: template}}) as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def serve(compat_hub, tmp_path_factory):
+    started = []
+
+    def start(repo: str, **environ: str):
+        server = serve_from_hub(tmp_path_factory.mktemp("compat"), compat_hub.url, dict(MODEL=repo, N_CTX=N_CTX),
+                                **environ)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def server(serve):
+    """The tools template model, CHAT_FORMAT absent: the GGUF's template."""
+    return serve(TOOLS_REPO)
+
+
+@pytest.fixture(scope="module")
+def plain_server(serve):
+    """A model whose GGUF template does not show tools."""
+    return serve(TEMPLATE_REPO)
+
+
+def client(server, **options) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                         **{"timeout": 120, **options})
+
+
+def refused(call, param: str, *words: str):
+    """The 400 a call gets; it must name `param` and say each of `words`."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        call()
+    error = caught.value.body
+    assert caught.value.status_code == 400 and error["param"] == param, error
+    assert all(word in error["message"] for word in words), error
+    return caught.value
+
+
+def chat(server, **kwargs):
+    return client(server).chat.completions.create(model=TOOLS_ALIAS, **{"messages": ASK, "temperature": 0, **kwargs})
+
+
+def settled(server, **kwargs):
+    """chat(), after the same prompt once: llama.cpp's numbers depend a little on how the
+    prompt was evaluated (in one batch, or all but its last token reused from the request
+    before), so answers compared must start alike. After a request of the same prompt that
+    made 2 tokens, every request reuses all but the last prompt token and evaluates that."""
+    chat(server, **{**kwargs, "max_completion_tokens": 2, "n": 1, "stream": False})
+    return chat(server, **kwargs)
+
+
+def streamed(server, **kwargs) -> list:
+    return list(chat(server, stream=True, **kwargs))
+
+
+def text_of(chunks, index: int = 0) -> str:
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks
+                   if chunk.choices and chunk.choices[0].index == index)
+
+
+# ------------------------------------------------------------ token limits ---
+
+def test_max_completion_tokens_limits_the_answer(server):
+    reply = chat(server, max_completion_tokens=5)
+    assert reply.usage.completion_tokens <= 5, reply.usage
+    pieces = [chunk for chunk in streamed(server, max_completion_tokens=5) if chunk.choices
+              and chunk.choices[0].delta.content]
+    assert len(pieces) <= 5
+    record("max_completion_tokens")
+
+
+def test_max_tokens_and_max_completion_tokens_together_are_refused(server):
+    error = refused(lambda: chat(server, max_tokens=5, max_completion_tokens=5), "max_tokens",
+                    "max_completion_tokens", "not both")
+    record("max_tokens_and_max_completion_tokens", error)
+
+
+# ------------------------------------------------------- structured output ---
+
+def test_parse_returns_the_pydantic_model(server):
+    reply = client(server).chat.completions.parse(
+        model=TOOLS_ALIAS, temperature=0, max_completion_tokens=100, response_format=Capital, messages=JSON_FEW_SHOT)
+    parsed = reply.choices[0].message.parsed
+    assert isinstance(parsed, Capital), reply
+    record("parse")
+
+
+def test_json_schema_strict_is_followed(server):
+    schema = {"type": "object", "additionalProperties": False, "required": ["answer", "sure"],
+              "properties": {"answer": {"type": "string", "enum": ["Paris", "Lyon"]}, "sure": {"type": "boolean"}}}
+    for stream in (False, True):
+        kwargs = dict(max_completion_tokens=100, response_format={"type": "json_schema", "json_schema": {
+            "name": "answer", "strict": True, "schema": schema}})
+        content = text_of(streamed(server, **kwargs)) if stream else chat(server, **kwargs).choices[0].message.content
+        value = json.loads(content)
+        assert set(value) == {"answer", "sure"} and value["answer"] in ("Paris", "Lyon") and \
+            isinstance(value["sure"], bool), content
+    record("json_schema_strict")
+
+
+def test_a_schema_the_grammar_cannot_follow_is_refused(server):
+    schema = {"type": "object", "properties": {"x": {"$ref": "https://example.com/x.json"}}}
+    error = refused(lambda: chat(server, response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": schema}}), "response_format.json_schema.schema", "cannot follow")
+    record("json_schema_unsupported", error)
+
+
+def test_json_object_gives_a_json_object(server):
+    reply = chat(server, max_completion_tokens=100, response_format={"type": "json_object"}, messages=JSON_FEW_SHOT)
+    assert isinstance(json.loads(reply.choices[0].message.content), dict), reply
+    record("json_object")
+
+
+# ------------------------------------------------------------------ usage ---
+
+def test_include_usage_adds_a_last_chunk_with_the_usage(server):
+    chunks = streamed(server, max_completion_tokens=8, stream_options={"include_usage": True})
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None, last
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    record("include_usage")
+
+
+def test_streamed_usage_counts_the_tokens_streamed(server):
+    """Each generated token of an ASCII answer is one chunk; the usage is the unstreamed request's."""
+    for route in ("chat", "completions"):
+        if route == "chat":
+            chunks = streamed(server, max_completion_tokens=8, stream_options={"include_usage": True})
+            plain = chat(server, max_completion_tokens=8).usage
+            pieces = [c for c in chunks if c.choices and c.choices[0].delta.content]
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        else:
+            completions = client(server).completions
+            request = dict(model=TOOLS_ALIAS, prompt="The capital of France is", max_tokens=8, temperature=0)
+            chunks = list(completions.create(stream=True, stream_options={"include_usage": True}, **request))
+            plain = completions.create(**request).usage
+            pieces = [c for c in chunks if c.choices and c.choices[0].text]
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        usage = chunks[-1].usage
+        assert usage == plain, (route, usage, plain)
+        assert finish == ["length"] and usage.completion_tokens == 8 == len(pieces), (route, usage, len(pieces))
+    record("usage_equals_streamed")
+
+
+# ---------------------------------------------------------------- messages ---
+
+def test_a_developer_message_is_read_as_system(server):
+    def answer(role: str) -> str:
+        return settled(server, max_completion_tokens=12, messages=[
+            {"role": role, "content": "Answer in one word."}, *ASK]).choices[0].message.content
+    assert answer("developer") == answer("system")
+    record("developer_message")
+
+
+def test_text_parts_read_as_the_text(server):
+    """Parts are joined with a line break, as llama.cpp's own server joins them."""
+    as_parts = settled(server, max_completion_tokens=12, messages=[
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Name the capital of France."},
+                                     {"type": "text", "text": "Then name the capital of Italy."}]}])
+    as_strings = settled(server, max_completion_tokens=12, messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name the capital of France.\nThen name the capital of Italy."}])
+    assert as_parts.choices[0].message.content == as_strings.choices[0].message.content
+    assert as_parts.usage == as_strings.usage
+    record("text_parts")
+
+
+@pytest.mark.parametrize("part, row", [
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}, "image_part"),
+    ({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}, "audio_part"),
+])
+def test_image_and_audio_parts_are_refused(server, part, row):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]
+    error = refused(lambda: chat(server, messages=messages), "messages.0.content.1.type", part["type"],
+                    "text-only")
+    record(row, error)
+
+
+# ------------------------------------------------------------------ choices ---
+
+def test_n_gives_n_choices(server):
+    """Choice i is generated with seed + i: the choices differ, and each repeats a request with n=1."""
+    request = dict(max_completion_tokens=6, temperature=1.0)
+    reply = settled(server, n=2, seed=7, **request)
+    assert [choice.index for choice in reply.choices] == [0, 1], reply
+    singles = [chat(server, seed=seed, **request) for seed in (7, 8)]
+    assert [c.message.content for c in reply.choices] == [s.choices[0].message.content for s in singles]
+    assert reply.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert reply.usage.completion_tokens == sum(single.usage.completion_tokens for single in singles)
+    chunks = streamed(server, n=2, seed=7, stream_options={"include_usage": True}, **request)
+    assert [text_of(chunks, 0), text_of(chunks, 1)] == [c.message.content for c in reply.choices]
+    assert chunks[-1].usage == reply.usage
+    refused(lambda: chat(server, n=9), "n", "from 1 to 8")
+    record("n")
+
+
+def test_seed_repeats_the_answer(server):
+    request = dict(max_completion_tokens=12, temperature=1.0, seed=1234)
+    assert settled(server, **request).choices[0].message.content == chat(server, **request).choices[0].message.content
+    record("seed")
+
+
+def test_stop_as_string_and_list(server):
+    free = settled(server, max_completion_tokens=12).choices[0].message.content
+    word = next(w for w in free.split() if len(w) > 2 and free.index(w) > 0)
+    for stop in (word, [word, "\u2603"]):
+        reply = chat(server, max_completion_tokens=12, stop=stop)
+        content, finish = reply.choices[0].message.content, reply.choices[0].finish_reason
+        assert finish == "stop" and content == free[:free.index(word)], (stop, content, free)
+        assert text_of(streamed(server, max_completion_tokens=12, stop=stop)) == content
+    record("stop")
+
+
+# ------------------------------------------------------------------ logprobs ---
+
+def test_logprobs_need_logits_all(server):
+    error = refused(lambda: chat(server, logprobs=True, top_logprobs=2, max_completion_tokens=2), "logprobs",
+                    "LOGITS_ALL=true")
+    refused(lambda: chat(server, logprobs=True, max_completion_tokens=2), "logprobs", "LOGITS_ALL=true")
+    record("logprobs_off", error)
+
+
+def test_logprobs_with_logits_all(serve):
+    server = serve(TOOLS_REPO, LOGITS_ALL="true")
+    reply = settled(server, logprobs=True, top_logprobs=2, max_completion_tokens=4)
+    tokens = reply.choices[0].logprobs.content
+    assert len(tokens) == reply.usage.completion_tokens and all(t.logprob <= 0 for t in tokens), reply
+    assert all(len(t.top_logprobs) >= 2 for t in tokens), tokens
+    only = chat(server, logprobs=True, max_completion_tokens=4).choices[0].logprobs.content
+    assert [t.token for t in only] == [t.token for t in tokens]
+    record("logprobs_on")
+
+
+def test_fields_that_mean_nothing_here_are_accepted(server):
+    plain = settled(server, max_completion_tokens=6).choices[0].message.content
+    reply = chat(server, max_completion_tokens=6, user="u-1", metadata={"team": "ml"}, store=False,
+                 parallel_tool_calls=False, reasoning_effort="low")
+    assert reply.choices[0].message.content == plain
+    record("ignored_fields")
+
+
+# ------------------------------------------------------------------- tools ---
+
+def call_of(reply) -> tuple[str, dict]:
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1, choice
+    call = choice.message.tool_calls[0]
+    assert call.id and call.type == "function"
+    return call.function.name, json.loads(call.function.arguments)
+
+
+def streamed_call(chunks) -> tuple[str, dict]:
+    """The one tool call a stream carries, put together as the openai client's users do."""
+    calls = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    finish = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert calls and finish == ["tool_calls"] and {call.index for call in calls} == {0}, chunks
+    return calls[0].function.name, json.loads("".join(call.function.arguments or "" for call in calls))
+
+
+def test_a_named_tool_is_called(server):
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    name, arguments = call_of(chat(server, tools=[WEATHER, TIME], tool_choice=choice, max_completion_tokens=100))
+    assert name == "get_weather" and isinstance(arguments["city"], str)
+    assert streamed_call(streamed(server, tools=[WEATHER, TIME], tool_choice=choice,
+                                  max_completion_tokens=100))[0] == "get_weather"
+    record("tool_named")
+
+
+def test_required_makes_a_tool_call(server):
+    name, arguments = call_of(chat(server, tools=[WEATHER], tool_choice="required", max_completion_tokens=100))
+    assert name == "get_weather" and isinstance(arguments["city"], str)
+    name, arguments = call_of(chat(server, tools=[WEATHER, TIME], tool_choice="required", max_completion_tokens=100))
+    assert name in ("get_weather", "get_time") and isinstance(arguments["city"], str)
+    name, _ = streamed_call(streamed(server, tools=[WEATHER, TIME], tool_choice="required", max_completion_tokens=100))
+    assert name in ("get_weather", "get_time")
+    record("tool_required")
+
+
+def test_auto_reads_a_tool_call_the_model_writes(server):
+    kwargs = dict(tools=[WEATHER, TIME], tool_choice="auto", max_completion_tokens=100,
+                  extra_body={"grammar": HERMES_CALL})
+    reply = chat(server, **kwargs)
+    assert call_of(reply) == ("get_weather", {"city": "Paris"}) and not reply.choices[0].message.content
+    chunks = streamed(server, **kwargs)
+    assert streamed_call(chunks) == ("get_weather", {"city": "Paris"}) and not text_of(chunks)
+    record("tool_auto_call")
+
+
+def test_auto_passes_text_on(server):
+    kwargs = dict(tools=[WEATHER], max_completion_tokens=100, extra_body={"grammar": 'root ::= "It is sunny {today}."'})
+    reply = chat(server, **kwargs)
+    assert reply.choices[0].message.content == "It is sunny {today}." and not reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "stop"
+    chunks = streamed(server, **kwargs)
+    assert text_of(chunks) == "It is sunny {today}." and not any(
+        chunk.choices[0].delta.tool_calls for chunk in chunks if chunk.choices)
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # passed on as it came
+    record("tool_auto_text")
+
+
+def test_none_answers_in_text(server):
+    reply = chat(server, tools=[WEATHER], tool_choice="none", max_completion_tokens=100,
+                 extra_body={"grammar": HERMES_CALL})
+    assert reply.choices[0].message.tool_calls is None and "<tool_call>" in reply.choices[0].message.content
+    record("tool_none")
+
+
+def test_a_tool_result_round_trip(server):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    asked = [{"role": "user", "content": "What is the weather in Paris?"}]
+    answered = [*asked, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 24 degrees."}]
+    before = chat(server, tools=[WEATHER], tool_choice="none", messages=asked, max_completion_tokens=1).usage
+    reply = chat(server, tools=[WEATHER], messages=answered, max_completion_tokens=12,
+                 extra_body={"grammar": 'root ::= "It is sunny."'})
+    assert reply.choices[0].message.content == "It is sunny." and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens > before.prompt_tokens + 10  # the call and its result are in the prompt
+    record("tool_result")
+
+
+def test_auto_on_a_template_without_tools_is_refused(plain_server):
+    error = refused(lambda: chat(plain_server, tools=[WEATHER]), "tools", "does not show tools", "tool_choice")
+    refused(lambda: chat(plain_server, tools=[WEATHER], tool_choice="auto"), "tools", "does not show tools")
+    record("tool_auto_template_without_tools", error)
+
+
+def test_forced_calls_on_a_template_without_tools(plain_server):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    assert call_of(chat(plain_server, tools=[WEATHER, TIME], tool_choice=named, max_completion_tokens=100))[0] == \
+        "get_time"
+    assert call_of(chat(plain_server, tools=[WEATHER, TIME], tool_choice="required",
+                        max_completion_tokens=100))[0] in ("get_weather", "get_time")
+    reply = chat(plain_server, tools=[WEATHER], tool_choice="none", max_completion_tokens=4)
+    assert reply.choices[0].message.tool_calls is None
+    record("tool_forced_template_without_tools")
+
+
+def test_finish_reasons(server):
+    assert chat(server, max_completion_tokens=3).choices[0].finish_reason == "length"
+    assert chat(server, max_completion_tokens=8, extra_body={"grammar": 'root ::= "Paris."'}).choices[0] \
+        .finish_reason == "stop"
+    assert chat(server, tools=[WEATHER], tool_choice="required", max_completion_tokens=100).choices[0] \
+        .finish_reason == "tool_calls"
+    record("finish_reason")
+
+
+def test_the_reply_names_the_served_model(server):
+    replies = [chat(server, max_completion_tokens=2), *streamed(server, max_completion_tokens=2),
+               client(server).chat.completions.parse(model="gpt-4o", messages=JSON_FEW_SHOT,
+                                                     max_completion_tokens=100, response_format=Capital)]
+    assert {reply.model for reply in replies} == {TOOLS_ALIAS}
+    record("reply_model")
+
+
+# ------------------------------------------------------------- completions ---
+
+def test_completions_echo(server):
+    prompt = "The capital of France is"
+    completions = client(server).completions
+    completions.create(model=TOOLS_ALIAS, prompt=prompt, max_tokens=2)  # the same start for both (see settled)
+    plain = completions.create(model=TOOLS_ALIAS, prompt=prompt, max_tokens=4, temperature=0)
+    reply = completions.create(model=TOOLS_ALIAS, prompt=prompt, max_tokens=4, echo=True, temperature=0)
+    assert reply.choices[0].text == prompt + plain.choices[0].text, reply
+    record("completions_echo")
+
+
+def test_completions_suffix_is_refused(server):
+    error = refused(lambda: client(server).completions.create(model=TOOLS_ALIAS, prompt="def add(a, b):",
+                                                              suffix="    return c", max_tokens=4),
+                    "suffix", "fill in the middle")
+    record("completions_suffix", error)
+
+
+def test_completions_best_of_is_refused_unless_it_equals_n(server):
+    completions = client(server).completions
+    error = refused(lambda: completions.create(model=TOOLS_ALIAS, prompt="Hi", best_of=2, max_tokens=2), "best_of",
+                    "equal n")
+    reply = completions.create(model=TOOLS_ALIAS, prompt="Hi", best_of=2, n=2, max_tokens=2)
+    assert [choice.index for choice in reply.choices] == [0, 1]
+    record("completions_best_of", error)
+
+
+# ---------------------------------------------------------------- LangChain ---
+
+def langchain(server, **options):
+    from langchain_openai import ChatOpenAI
+    return ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model=TOOLS_ALIAS, temperature=0,
+                      max_retries=0, **options)
+
+
+def test_langchain_with_structured_output(server):
+    structured = langchain(server, max_completion_tokens=100).with_structured_output(Capital)
+    answer = structured.invoke([(turn["role"], turn["content"]) for turn in JSON_FEW_SHOT])
+    assert isinstance(answer, Capital), answer
+    record("langchain_structured_output")
+
+
+def test_langchain_bind_tools(server, plain_server):
+    from langchain_core.tools import tool
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city now."""
+        return "sunny"
+
+    for target, choice in ((server, "get_weather"), (server, "any"), (plain_server, "get_weather")):
+        message = langchain(target, max_completion_tokens=100).bind_tools([get_weather], tool_choice=choice).invoke(
+            "What is the weather in Paris?")
+        assert [call["name"] for call in message.tool_calls] == ["get_weather"], message
+        assert isinstance(message.tool_calls[0]["args"].get("city"), str)
+    record("langchain_bind_tools")
+
+
+# ------------------------------------------------------- a client that leaves ---
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unstreamed", "streamed"])
+def test_a_client_that_leaves_frees_the_server(server, report, stream):
+    """One client asks for a long answer and gives up after 2 s; another, waiting behind it
+    (one request at a time), is answered soon after, not when the long answer would end."""
+    long = dict(model=TOOLS_ALIAS, messages=ASK, max_completion_tokens=1500, temperature=0,
+                extra_body={"logit_bias": {"1": -100, "106": -100}})  # no end of turn: it would go on
+    gave_up = threading.Event()
+
+    def leave() -> None:
+        started = time.monotonic()
+        try:
+            if stream:
+                with httpx2.stream("POST", server.url + "/v1/chat/completions", json={**long, "stream": True,
+                                   **long["extra_body"]}, timeout=60, trust_env=False) as response:
+                    for _ in response.iter_lines():
+                        if time.monotonic() - started > 2:
+                            break
+            else:
+                client(server, timeout=2).chat.completions.create(**long)
+        except openai.APITimeoutError:
+            pass
+        gave_up.set()
+
+    leaving = threading.Thread(target=leave)
+    lines_before = len(server.lines)
+    leaving.start()
+    time.sleep(0.5)
+    asked = time.monotonic()
+    reply = client(server).chat.completions.create(model=TOOLS_ALIAS, messages=ASK, max_completion_tokens=4)
+    answered = time.monotonic()
+    leaving.join()
+    assert gave_up.is_set() and reply.choices[0].message.content is not None
+    stopped = server.wait_for_line("the client left: generation stopped after", timeout=10)
+    assert server.lines.index(stopped) >= lines_before
+    # 1500 tokens take over 20 s here; the waiting client got its answer about 2 s after it asked.
+    waited = answered - asked
+    assert waited < 12, f"the waiting client waited {waited:.1f} s: the generation went on after its client left"
+    report(f"client left ({'streamed' if stream else 'unstreamed'}): the waiting client waited", f"{waited:.1f} s")
+    record("client_leaves")
+
+
+# --------------------------------------------------------------- the matrix ---
+
+def test_the_docs_show_this_runs_matrix(report):
+    """Last in the module: every row ran, and docs/*/compatibility.md show what it recorded."""
+    missing = sorted(set(compat_matrix.ROWS) - set(recorded))
+    if missing:
+        pytest.skip(f"rows not run in this selection: {', '.join(missing)}")
+    results = {ENGINE: recorded}
+    path = compat_matrix.results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, sort_keys=True))
+    stale = compat_matrix.stale_docs(results)
+    assert not stale, f"{', '.join(stale)} differ from this run: run `python tests/compat_matrix.py` to rewrite them"
