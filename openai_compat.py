@@ -266,8 +266,9 @@ def call_schema(function: dict) -> dict:
 class ToolCallReader:
     """Reads tool calls out of a reply's text, in the forms instruct models write them:
     `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes, Qwen), `[TOOL_CALLS]
-    [{...}]` (Mistral), or the whole reply one JSON object with "name" and "arguments" or
-    "parameters" (Llama 3.x). Only calls of offered tools count; anything else stays text."""
+    [{...}]` (Mistral, the marker printed or not), or the whole reply one JSON object with
+    "name" and "arguments" or "parameters" (Llama 3.x). Only calls of offered tools count;
+    anything else stays text."""
     names: tuple[str, ...]
     one_only: bool = False
 
@@ -279,11 +280,9 @@ class ToolCallReader:
         if "<tool_call>" in stripped:
             before, _, rest = stripped.partition("<tool_call>")
             found = [parse_json_or_none(body) for body in TOOL_CALL_TAG.findall("<tool_call>" + rest)]
-        elif stripped.startswith(MISTRAL_TOOL_CALLS):
-            listed = parse_json_or_none(stripped[len(MISTRAL_TOOL_CALLS):])
-            found = listed if isinstance(listed, list) else [None]
-        elif stripped.startswith("{"):
-            found = [parse_json_or_none(stripped)]
+        elif stripped.startswith(("{", "[")):  # a call, or a list of calls (Mistral's marker may be unprinted)
+            value = parse_json_or_none(stripped.removeprefix(MISTRAL_TOOL_CALLS))
+            found = value if isinstance(value, list) else [value]
         calls = [self.call(item) for item in found]
         if not calls or None in calls:
             return text, []
@@ -306,7 +305,7 @@ class ToolCallStream:
     call may begin (a tag anywhere; a marker or `{` at the very start), which is held back
     until the end decides between tool calls and text."""
     TAGS = ("<tool_call>",)
-    OPENINGS = (MISTRAL_TOOL_CALLS, "{")
+    OPENINGS = ("{", "[")  # [TOOL_CALLS] too
 
     def __init__(self, reader: ToolCallReader):
         self.reader, self.held, self.said, self.calling = reader, "", False, False

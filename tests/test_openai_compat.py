@@ -25,6 +25,7 @@ import pytest
 from pydantic import BaseModel
 
 import compat_matrix
+import openai_compat
 from conftest import HubStandin, serve_from_hub
 
 TOOLS_REPO = "test-org/gemma-3-270m-tools-GGUF"
@@ -40,12 +41,27 @@ TIME = {"type": "function", "function": {
     "name": "get_time", "description": "The time in a city now.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "utc": {"type": "boolean"}},
                    "required": ["city", "utc"]}}}
-# A grammar that makes the model write a tool call the Hermes way, as the tools template asks.
 # Answers in JSON that a base model ends (it goes on and on when merely asked for JSON).
 JSON_FEW_SHOT = [{"role": "user", "content": "The capital of Spain, in JSON."},
                  {"role": "assistant", "content": '{"city": "Madrid", "country": "Spain"}'},
                  {"role": "user", "content": "The capital of France, in JSON."}]
-HERMES_CALL = 'root ::= "<tool_call>\\n{\\"name\\": \\"get_weather\\", \\"arguments\\": {\\"city\\": \\"Paris\\"}}\\n</tool_call>"'
+
+
+def grammar_for(text: str) -> str:
+    """A GBNF grammar that makes the model write exactly `text`."""
+    return "root ::= " + json.dumps(text)
+
+
+# A tool call as models write it: the Hermes way (as the tools template asks), Llama 3.x's
+# JSON object, Mistral's list with its marker printed and without.
+CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+WRITTEN_CALLS = {
+    "hermes": f"<tool_call>\n{json.dumps(CALL)}\n</tool_call>",
+    "llama3": json.dumps({"name": "get_weather", "parameters": {"city": "Paris"}}),
+    "mistral": "[TOOL_CALLS]" + json.dumps([CALL]),
+    "mistral-unprinted": json.dumps([CALL]),
+}
+HERMES_CALL = grammar_for(WRITTEN_CALLS["hermes"])
 
 recorded: dict[str, dict] = {}
 
@@ -357,9 +373,10 @@ def test_required_makes_a_tool_call(server):
     record("tool_required")
 
 
-def test_auto_reads_a_tool_call_the_model_writes(server):
+@pytest.mark.parametrize("form", list(WRITTEN_CALLS))
+def test_auto_reads_a_tool_call_the_model_writes(server, form):
     kwargs = dict(tools=[WEATHER, TIME], tool_choice="auto", max_completion_tokens=100,
-                  extra_body={"grammar": HERMES_CALL})
+                  extra_body={"grammar": grammar_for(WRITTEN_CALLS[form])})
     reply = chat(server, **kwargs)
     assert call_of(reply) == ("get_weather", {"city": "Paris"}) and not reply.choices[0].message.content
     chunks = streamed(server, **kwargs)
@@ -367,8 +384,25 @@ def test_auto_reads_a_tool_call_the_model_writes(server):
     record("tool_auto_call")
 
 
+@pytest.mark.parametrize("text", [*WRITTEN_CALLS.values(), "Let me look.\n" + WRITTEN_CALLS["hermes"],
+                                  "It is sunny {today}.", "[1] is a footnote.", "A < B, and <tool", ""])
+def test_a_stream_reads_tool_calls_as_the_whole_text_does(text):
+    """However the text is cut into chunks, the stream sends what reading the whole text gives
+    (what it passes on early is text that cannot start a call)."""
+    reader = openai_compat.ToolCallReader(("get_weather",))
+    whole_content, whole_calls = reader.calls(text)
+    for size in (1, 2, 3, 7, len(text) or 1):
+        stream = openai_compat.ToolCallStream(reader)
+        early = "".join(stream.feed(text[i:i + size]) for i in range(0, len(text), size))
+        late, calls = stream.end()
+        assert [call["function"] for call in calls] == [call["function"] for call in whole_calls], (size, text)
+        assert ((early + late).strip() == (whole_content or "")) if calls else early + late == text, (size, early, late)
+        if not calls and "{" not in text and "<tool" not in text and not text.startswith("["):
+            assert early == text  # plain text goes out as it comes
+
+
 def test_auto_passes_text_on(server):
-    kwargs = dict(tools=[WEATHER], max_completion_tokens=100, extra_body={"grammar": 'root ::= "It is sunny {today}."'})
+    kwargs = dict(tools=[WEATHER], max_completion_tokens=100, extra_body={"grammar": grammar_for("It is sunny {today}.")})
     reply = chat(server, **kwargs)
     assert reply.choices[0].message.content == "It is sunny {today}." and not reply.choices[0].message.tool_calls
     assert reply.choices[0].finish_reason == "stop"
@@ -393,7 +427,7 @@ def test_a_tool_result_round_trip(server):
                 {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 24 degrees."}]
     before = chat(server, tools=[WEATHER], tool_choice="none", messages=asked, max_completion_tokens=1).usage
     reply = chat(server, tools=[WEATHER], messages=answered, max_completion_tokens=12,
-                 extra_body={"grammar": 'root ::= "It is sunny."'})
+                 extra_body={"grammar": grammar_for("It is sunny.")})
     assert reply.choices[0].message.content == "It is sunny." and reply.choices[0].finish_reason == "stop"
     assert reply.usage.prompt_tokens > before.prompt_tokens + 10  # the call and its result are in the prompt
     record("tool_result")
@@ -418,7 +452,7 @@ def test_forced_calls_on_a_template_without_tools(plain_server):
 
 def test_finish_reasons(server):
     assert chat(server, max_completion_tokens=3).choices[0].finish_reason == "length"
-    assert chat(server, max_completion_tokens=8, extra_body={"grammar": 'root ::= "Paris."'}).choices[0] \
+    assert chat(server, max_completion_tokens=8, extra_body={"grammar": grammar_for("Paris.")}).choices[0] \
         .finish_reason == "stop"
     assert chat(server, tools=[WEATHER], tool_choice="required", max_completion_tokens=100).choices[0] \
         .finish_reason == "tool_calls"
