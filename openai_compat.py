@@ -124,7 +124,7 @@ def translate_chat(data: dict, served: Served) -> Plan:
     translate_token_limit(data)
     if "messages" in data and isinstance(data["messages"], list):
         data["messages"] = [translate_message(i, message) for i, message in enumerate(data["messages"])]
-    refuse_audio_output(data)
+    refuse_platform_features(data)
     translate_response_format(data, served)
     plan.tool_names = translate_tools(data, served)
     plan.one_tool_call = data.pop("parallel_tool_calls", None) is False
@@ -177,11 +177,15 @@ def translate_message(index: int, message):
     return message
 
 
-def refuse_audio_output(data: dict) -> None:
+def refuse_platform_features(data: dict) -> None:
+    """OpenAI's spoken answers and web search: a local text model has neither."""
     modalities = data.pop("modalities", None)
     if data.pop("audio", None) is not None or (isinstance(modalities, list) and "audio" in modalities):
         raise BadRequest("modalities: this server answers in text only; leave out audio and modalities "
                          "(or send [\"text\"])", "modalities")
+    if data.pop("web_search_options", None) is not None:
+        raise BadRequest("web_search_options: this server cannot search the web; leave it out and put what the "
+                         "model needs to know in the messages", "web_search_options")
 
 
 def translate_response_format(data: dict, served: Served) -> None:

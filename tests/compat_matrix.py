@@ -56,6 +56,12 @@ ROWS: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
     "audio_part": (
         ("an `input_audio` part", "read by an audio model"),
         ("часть `input_audio`", "читается аудиомоделью")),
+    "audio_output": (
+        ("`modalities=[\"text\", \"audio\"]`, `audio`", "a spoken answer"),
+        ("`modalities=[\"text\", \"audio\"]`, `audio`", "ответ голосом")),
+    "web_search": (
+        ("`web_search_options`", "an answer from a web search"),
+        ("`web_search_options`", "ответ с поиском в интернете")),
     "n": (
         ("`n=2` (also streamed)", "two choices"),
         ("`n=2` (и в потоке)", "два варианта ответа")),

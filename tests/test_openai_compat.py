@@ -273,6 +273,15 @@ def test_image_and_audio_parts_are_refused(server, part, row):
     record(row, error)
 
 
+@pytest.mark.parametrize("fields, param, row", [
+    ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities", "audio_output"),
+    ({"web_search_options": {}}, "web_search_options", "web_search"),
+])
+def test_what_a_local_text_model_has_not_is_refused(server, fields, param, row):
+    error = refused(lambda: chat(server, extra_body=fields), param, "leave")
+    record(row, error)
+
+
 # ------------------------------------------------------------------ choices ---
 
 def test_n_gives_n_choices(server):
