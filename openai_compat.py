@@ -236,15 +236,13 @@ def translate_tools(data: dict, served: Served) -> tuple[str, ...]:
                              "chat template supports tools", "tools")
         return names
     if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        forced = choice["function"].get("name")
-        for tool in tools:
-            if tool["function"]["name"] == forced:
-                checked_schema(tool["function"].get("parameters", {}), served, "tools.function.parameters")
+        if choice["function"].get("name") in names:  # one not offered: check_forced_function names it
+            check_parameters(tools, names.index(choice["function"]["name"]), served)
         return ()
     if choice == "required":
         if len(tools) == 1:
             data["tool_choice"] = {"type": "function", "function": {"name": names[0]}}
-            checked_schema(tools[0]["function"].get("parameters", {}), served, "tools.function.parameters")
+            check_parameters(tools, 0, served)
             return ()
         if data.get("response_format") is not None:
             raise BadRequest("response_format: cannot be combined with tool_choice required (the reply is a tool "
@@ -256,6 +254,11 @@ def translate_tools(data: dict, served: Served) -> tuple[str, ...]:
         data.pop("tool_choice")
         return names
     return ()
+
+
+def check_parameters(tools: list, index: int, served: Served) -> None:
+    """A forced call's arguments follow the tool's schema; llama-cpp-python would fall back to any JSON."""
+    checked_schema(tools[index]["function"].get("parameters") or {}, served, f"tools.{index}.function.parameters")
 
 
 def call_schema(function: dict) -> dict:
