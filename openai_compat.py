@@ -23,8 +23,8 @@ from typing import Protocol
 
 MAX_CHOICES = 8  # n above this would hold a CPU server for n answers' time: ask again instead
 # Accepted and ignored: they steer OpenAI's own platform (storage, billing tiers, reasoning
-# models), not a local model. The docs' matrix shows each.
-IGNORED_FIELDS = ("metadata", "store", "reasoning_effort", "service_tier", "prediction", "user")
+# models), not a local model. (`user` is the server's own field, which it ignores too.)
+IGNORED_FIELDS = ("metadata", "store", "reasoning_effort", "service_tier", "prediction")
 TEXT_PART_TYPES = ("text", "refusal")  # a refusal part (an assistant turn) is text too
 # How instruct models write a tool call in text, tried in this order (see ToolCallReader).
 TOOL_CALL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)  # Hermes, Qwen 2.5 and 3
@@ -119,8 +119,7 @@ def translate_completion(data: dict) -> Plan:
 def translate_chat(data: dict, served: Served) -> Plan:
     plan = translate_common(data)
     for name in IGNORED_FIELDS:
-        if name != "user":  # the server's own field, which it ignores too
-            data.pop(name, None)
+        data.pop(name, None)
     translate_token_limit(data)
     if "messages" in data and isinstance(data["messages"], list):
         data["messages"] = [translate_message(i, message) for i, message in enumerate(data["messages"])]
@@ -360,15 +359,15 @@ class Reply:
     usage: dict = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
     template: dict | None = None  # a chunk's id, object, created and model, for the chunks made here
     stream: ToolCallStream | None = None  # the streamed choice being read for tool calls
+    reader: ToolCallReader | None = field(init=False)  # None when no tool calls are read from text
+
+    def __post_init__(self) -> None:
+        self.reader = ToolCallReader(self.plan.tool_names, self.plan.one_tool_call) if self.plan.tool_names else None
 
     @property
     def rewrites_chunks(self) -> bool:
         """False when the server's chunks go out as they are (but the [DONE] between choices)."""
         return self.plan.choices > 1 or bool(self.plan.tool_names)
-
-    @property
-    def reader(self) -> ToolCallReader | None:
-        return ToolCallReader(self.plan.tool_names, self.plan.one_tool_call) if self.plan.tool_names else None
 
     # unstreamed
     def add(self, choice: int, reply: dict) -> None:
