@@ -807,6 +807,7 @@ class Supervisor:
             signal_tree(signal.SIGTERM, self.terminated)
 
     def run(self) -> int:
+        import psutil  # noqa: F401  before the handlers: one importing it mid-import would find it half-built
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             click.echo("warning: cannot become a child subreaper; the server will not be adopted", err=True)
