@@ -73,7 +73,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONUNBUFFERED=1
 WORKDIR /app
-COPY entrypoint.py inside_server.py openai_compat.py /app/
+COPY entrypoint.py /app/
+COPY localllm_container /app/localllm_container
 # model.env after the heavy layers: editing it re-runs only the pull below.
 COPY model.env /app/
 # Numeric, so Kubernetes runAsNonRoot can verify it: the user llm created above.

@@ -1,0 +1,127 @@
+"""The command line (click): serve (the default), pull, config, health, check. Each
+command only calls the modules that do the work; a user's mistake (UserError) ends
+as one line with exit status 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import click
+
+from . import check as node_check
+from .cache import check_model_file, files_to_serve, cached_path, llm, pull_files, record_key, record_path, \
+    recorded_files
+from .errors import UserError
+from .model import model_facts
+from .server.log import uvicorn_log_config
+from .settings import BOOLEANS, SETTINGS, given, load, model_env_path, parse_env_file, resolve_runtime
+
+# The health path: llama-cpp-python's server only listens once the model is loaded,
+# and this route needs no API key and, unlike /v1/models, does not wait for the
+# model lock, so a long generation cannot make a busy node look dead.
+HEALTH_PATH = "/openapi.json"
+
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Serve a GGUF model from the Hugging Face hub with localllm on port 8000."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve)
+
+
+@cli.command()
+def config() -> None:
+    """Print the effective settings and where each came from."""
+    cfg = load()
+    paths = [cached_path(cfg["MODEL"], name) for name in recorded_files(cfg) or {}]
+    resolve_runtime(cfg, model_facts(paths) if paths and all(paths) else None)
+    for name in SETTINGS:
+        click.echo(f"{name}={cfg[name]}  # {cfg.sources[name]}")
+    for name in cfg.extra:
+        click.echo(f"{name}={cfg[name]}  # {cfg.sources[name]}, passed on")
+
+
+@cli.command()
+def pull() -> None:
+    """Download the model file(s) into the hub cache and record the choice (build time)."""
+    cfg = load()
+    files = pull_files(cfg)
+    record = {"settings": record_key(cfg), "files": files}  # files: {name: {size, sha256}}
+    record_path().parent.mkdir(parents=True, exist_ok=True)
+    record_path().write_text(json.dumps(record, indent=2) + "\n")
+    click.echo(f"Recorded {cfg['MODEL']} -> {', '.join(files)} in {record_path()}")
+
+
+@cli.command()
+def serve() -> None:
+    """Run the model server on PORT and stay in the foreground (the default command)."""
+    # Imported here, with psutil at its top before any signal handler can need it:
+    # `check` runs on a laptop with click alone.
+    from .supervisor import Supervisor, scratch_dir, server_env, start_log_relay, stop_before_serving
+    for sig in (signal.SIGTERM, signal.SIGINT):  # as PID 1 we would ignore them otherwise
+        signal.signal(sig, stop_before_serving)
+    cfg = load()
+    files = files_to_serve(cfg)
+    verify = BOOLEANS[cfg["VERIFY_MODEL_SHA256"].lower()]
+    paths = [check_model_file(cfg["MODEL"], name, expected, verify) for name, expected in files.items()]
+    resolve_runtime(cfg, model_facts(paths))
+    first = next(iter(files))
+    log_target = start_log_relay()
+    scratch = scratch_dir()
+    log_config = scratch / "uvicorn-log.json"
+    log_config.write_text(json.dumps(uvicorn_log_config(log_target)))
+    command = llm("run", cfg["MODEL"], cfg["PORT"], "--host", "0.0.0.0", "--filename", first,
+                  "--verbose", "--log-config", str(log_config))
+    click.echo(f"Serving {cfg['MODEL']} ({first}) as {cfg['MODEL_ALIAS']!r} on port {cfg['PORT']} "
+               f"with {cfg['N_THREADS']} threads, context {cfg['N_CTX']}, {cfg['CPU_LEVEL']} build")
+    env = server_env(cfg, dict(os.environ))
+    sys.stdout.flush()
+    sys.exit(Supervisor(command, env, int(cfg["STOP_TIMEOUT"]), scratch / "start-error.txt").run())
+
+
+@cli.command()
+def health() -> None:
+    """Exit 0 when the server answers HEALTH_PATH (the image's HEALTHCHECK). Light:
+    reads PORT only, so a check every few seconds costs next to nothing."""
+    import urllib.request
+    port = (given(os.environ).get("PORT") or given(parse_env_file(model_env_path())).get("PORT")
+            or SETTINGS["PORT"].default)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{HEALTH_PATH}", timeout=4) as reply:
+            click.echo(f"healthy: HTTP {reply.status}")
+    except OSError as exc:
+        click.echo(f"unhealthy: {exc}", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("url")
+@click.option("--node-id", help="DataSphere node id: sends x-node-id (call through node-api).")
+@click.option("--alias", help="DataSphere alias name: sends x-node-alias: datasphere.user.ALIAS.")
+@click.option("--folder-id", help="DataSphere folder id: sends x-folder-id.")
+@click.option("--iam-token", envvar="YC_IAM_TOKEN", help="IAM token: sends Authorization: Bearer TOKEN [env YC_IAM_TOKEN].")
+@click.option("--api-key", help="the server's API_KEY: sends Authorization: Bearer KEY.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120, show_default=True,
+              help="Seconds to wait for the connection and for each part of an answer.")
+def check(url, node_id, alias, folder_id, iam_token, api_key, timeout) -> None:
+    """Call a running server at URL as a client would: list the models and stream one
+    chat answer; exit 0 only when both worked. Uses only click and the standard library,
+    so it runs on a laptop too: python entrypoint.py check http://localhost:8000"""
+    headers = node_check.request_headers(node_id, alias, folder_id, iam_token, api_key)
+    try:
+        node_check.run_check(node_check.base_url(url), headers, timeout)
+    except node_check.CheckFailed as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

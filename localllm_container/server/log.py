@@ -1,0 +1,84 @@
+"""The server's log and start-up failures. `llm run` reads the server's stdout until
+the ready line and then never again, so the handler moves the server's output to the
+supervisor's log pipe at that line. When the model cannot load, the reason (in
+llama.cpp's words, which llama-cpp-python hides) goes to a file the entrypoint prints.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+READY_LINE = "Uvicorn running on"
+# The file the server writes why it could not start to; set by the entrypoint.
+START_ERROR_VARIABLE = "LOCALLLM_START_ERROR_FILE"
+
+
+_handed_off = False
+
+
+class HandoffStreamHandler(logging.StreamHandler):
+    """Writes to stdout, the pipe `llm run` reads, up to and including the ready
+    line; then points the server's stdout and stderr at the supervisor's log pipe,
+    because nobody reads `llm run`'s pipe afterwards."""
+
+    def __init__(self, target: str):
+        super().__init__(sys.stdout)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        global _handed_off
+        super().emit(record)
+        if not _handed_off and READY_LINE in record.getMessage():
+            self.flush()
+            fd = os.open(self.target, os.O_WRONLY)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+            _handed_off = True
+
+
+def uvicorn_log_config(target: str) -> dict:
+    """uvicorn's logging: start-up lines reach `llm run`, later lines reach the
+    supervisor; the `guard` filter applies patches.install."""
+    handler = {"()": f"{__name__}.HandoffStreamHandler", "target": target}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"guard": {"()": f"{__package__}.patches.install"}},
+        "formatters": {
+            "default": {"()": "uvicorn.logging.DefaultFormatter",
+                        "fmt": "%(asctime)s %(levelprefix)s %(message)s", "use_colors": False},
+            "access": {"()": "uvicorn.logging.AccessFormatter", "use_colors": False,
+                       "fmt": '%(asctime)s %(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'},
+        },
+        "handlers": {"default": {**handler, "formatter": "default"},
+                     "access": {**handler, "formatter": "access"}},
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+        },
+    }
+
+
+def start_failure(exc: Exception, llama_errors: list[str]) -> str:
+    """One line on why the server could not start, in llama.cpp's words where it said any."""
+    lines = [" ".join(line.split()) for line in "".join(llama_errors).splitlines() if line.strip()]
+    said = " ".join(lines)
+    marker = "error loading model: "
+    if "Failed to load model" in str(exc):
+        reasons = [line.split(marker, 1)[1] for line in lines if marker in line]
+        reason = reasons[0] if reasons else (said or "no reason given")
+        return f"llama.cpp cannot load the model file {os.environ.get('MODEL', '?')}: {reason}"
+    return f"the model server cannot start: {type(exc).__name__}: {exc}" + (f" (llama.cpp: {said})" if said else "")
+
+
+def report_start_failure(reason: str) -> None:
+    """Hand the one-line reason to the entrypoint and end quietly: a traceback would only bury it."""
+    target = os.environ.get(START_ERROR_VARIABLE)
+    if not target:
+        return  # not started by the entrypoint: the caller raises as usual
+    with open(target, "w", encoding="utf-8") as out:
+        out.write(reason + "\n")
+    os._exit(1)
