@@ -8,9 +8,10 @@ answers are streaming, as on a shared node. A streamed answer counts as complete
 only when a chunk carries a finish_reason and `data: [DONE]` follows; a plain
 one when it has a finish_reason. Everything stops at --deadline.
 
-    python bench/loadtest.py --url http://127.0.0.1:8000 --clients 8 --requests 3 [--json out.json]
+    python -m bench.loadtest --url http://127.0.0.1:8000 --clients 8 --requests 3 [--json out.json]
 
-Exit status 0 only when every planned request completed in full.
+Run it from the repository root (it reads streams with the package's own reader, so it
+needs httpx and click). Exit status 0 only when every planned request completed in full.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ try:
     import httpx2 as httpx  # the HTTP client the openai package is built on
 except ImportError:
     import httpx
+
+from localllm_container.check import DONE, stream_event
 
 # (endpoint, stream) in turn; client k starts at entry k, so each kind is in play at once.
 KINDS = [("chat", True), ("completions", False), ("completions", True), ("chat", False)]
@@ -62,13 +65,12 @@ async def read_stream(response, outcome: Outcome, started: float) -> None:
     (it ignores stream_options), so each chunk with text counts as one token."""
     finish, done = None, False
     async for line in response.aiter_lines():
-        if not line.startswith("data:"):
-            continue  # blank separators and ": ping" comments
-        data = line[5:].strip()
-        if data == "[DONE]":
+        chunk = stream_event(line)
+        if chunk is None:
+            continue
+        if chunk == DONE:
             done = True
             continue
-        chunk = json.loads(data)
         if "error" in chunk:
             outcome.error = f"error in stream: {chunk['error']}"
             return

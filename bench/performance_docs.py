@@ -50,7 +50,7 @@ TEXT = {
             "**Time to first token**: from sending to the first chunk, for the 512-token prompt and for a short "
             "prompt of about 20 tokens.",
             "**Threads**: the API measurements with `N_THREADS` = `N_THREADS_BATCH` = 1 … N, N being what "
-            "`entrypoint.available_cpus()` allows; the automatic value is the one the entrypoint picks.",
+            "`resources.available_cpus()` allows; the automatic value is the one the entrypoint picks.",
             "**Portable build**: the level folder the entrypoint picks for this CPU (built by "
             "`scripts/cpu-levels.sh` with `GGML_NATIVE=OFF` and explicit flags) against a folder built with "
             "`-march=native` for this very machine (`CPU_LEVEL=native`).",
@@ -128,7 +128,7 @@ TEXT = {
             "**Время до первого токена**: от отправки запроса до первого фрагмента — для промпта в 512 токенов "
             "и для короткого промпта примерно в 20 токенов.",
             "**Потоки**: те же измерения через API с `N_THREADS` = `N_THREADS_BATCH` = 1 … N, где N — сколько "
-            "разрешает `entrypoint.available_cpus()`; автоматическое значение — то, что выбирает точка входа.",
+            "разрешает `resources.available_cpus()`; автоматическое значение — то, что выбирает точка входа.",
             "**Переносимая сборка**: папка уровня, которую точка входа выбирает для этого CPU (собрана "
             "`scripts/cpu-levels.sh` с `GGML_NATIVE=OFF` и явными флагами), против папки, собранной с "
             "`-march=native` под эту самую машину (`CPU_LEVEL=native`).",
@@ -174,7 +174,7 @@ TARGET_KEYS = {"threads": "threads", "portable": "portable", "cold_start": "cold
 
 def render(result: dict, rows: list, lang: str) -> str:
     """The page: intro with machine and date, command, table, targets, meanings, method."""
-    from performance import TARGETS
+    from .performance_results import TARGETS
     text, s, m = TEXT[lang], result["summary"], result["machine"]
     intro = text["intro"].format(
         date=result["date"][:10], cpu=m["cpu"], cpus=m["cpus"], flags=", ".join(m["flags"]),

@@ -30,116 +30,24 @@ a bare 401 as "repo not found" for ``https://`` URLs.
 
 Run as a script to serve until SIGINT/SIGTERM::
 
-    python tests/hub_standin.py --port 8765 --repo ORG/NAME=FILENAME:LOCALPATH [--repo ...] [--token T]
+    python -m testkit.hub_standin --port 8765 --repo ORG/NAME=FILENAME:LOCALPATH [--repo ...] [--token T]
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pathlib
 import re
 import signal
 import threading
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .hub_repos import Repo, RepoFile
+
 _CHUNK = 1024 * 1024
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
-
-_sha256_cache: dict[tuple[str, int, int], str] = {}
-_sha256_lock = threading.Lock()
-
-
-def _sha256(path: pathlib.Path) -> str:
-    """SHA-256 of a file, cached by path, mtime and size: test files can be hundreds of MB."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    with _sha256_lock:
-        if key not in _sha256_cache:
-            digest = hashlib.sha256()
-            with path.open("rb") as f:
-                while chunk := f.read(_CHUNK):
-                    digest.update(chunk)
-            _sha256_cache[key] = digest.hexdigest()
-        return _sha256_cache[key]
-
-
-def _git_blob_oid(data: bytes) -> str:
-    """Git's object id for a blob, as the Hub reports for the LFS pointer file."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-@dataclass(frozen=True)
-class _File:
-    local_path: pathlib.Path
-    size: int
-    sha256: str
-    blob_id: str
-    pointer_size: int
-
-    @classmethod
-    def load(cls, local_path: pathlib.Path) -> _File:
-        sha256 = _sha256(local_path)
-        size = local_path.stat().st_size
-        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
-        return cls(local_path, size, sha256, _git_blob_oid(pointer), len(pointer))
-
-
-@dataclass(frozen=True)
-class _Repo:
-    files: dict[str, _File]
-    revision: str
-
-    @classmethod
-    def load(cls, files: dict[str, pathlib.Path]) -> _Repo:
-        loaded = {name: _File.load(pathlib.Path(path)) for name, path in files.items()}
-        listing = "".join(f"{name}\0{f.sha256}\n" for name, f in sorted(loaded.items()))
-        return cls(loaded, hashlib.sha1(listing.encode()).hexdigest())
-
-    def tree(self, folder: str, recursive: bool) -> list[dict] | None:
-        """Entries of the tree API under `folder`, or None if there is no such folder."""
-        prefix = f"{folder}/" if folder else ""
-        files = {name: f for name, f in sorted(self.files.items()) if name.startswith(prefix)}
-        if folder and not files:
-            return None
-        folders: dict[str, list[str]] = {}
-        entries = []
-        for name, f in files.items():
-            parts = name[len(prefix) :].split("/")
-            for depth in range(1, len(parts) if recursive else min(2, len(parts))):
-                folders.setdefault(prefix + "/".join(parts[:depth]), []).append(f.blob_id)
-            if recursive or len(parts) == 1:
-                entries.append(
-                    {
-                        "type": "file",
-                        "oid": f.blob_id,
-                        "size": f.size,
-                        "path": name,
-                        "lfs": {"oid": f.sha256, "size": f.size, "pointerSize": f.pointer_size},
-                    }
-                )
-        for path, oids in folders.items():
-            tree_oid = hashlib.sha1("\n".join(oids).encode()).hexdigest()
-            entries.append({"type": "directory", "oid": tree_oid, "size": 0, "path": path})
-        return sorted(entries, key=lambda entry: entry["path"])
-
-    def model_info(self, repo_id: str, with_blobs: bool) -> dict:
-        siblings = []
-        for name, f in sorted(self.files.items()):
-            sibling: dict = {"rfilename": name}
-            if with_blobs:
-                sibling.update(
-                    size=f.size,
-                    blobId=f.blob_id,
-                    lfs={"sha256": f.sha256, "size": f.size, "pointerSize": f.pointer_size},
-                )
-            siblings.append(sibling)
-        author = repo_id.split("/")[0] if "/" in repo_id else None
-        return {"id": repo_id, "author": author, "sha": self.revision, "siblings": siblings}
-
 
 class _HttpError(Exception):
     """An error response in the Hub's format: status, `X-Error-Code` and a JSON body."""
@@ -217,7 +125,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             raise _HttpError(404, None, "Not found")
 
-    def _split_repo(self, parts: list[str]) -> tuple[str, _Repo, list[str]]:
+    def _split_repo(self, parts: list[str]) -> tuple[str, Repo, list[str]]:
         """Split a known repo id (one or two path segments) from the rest of the path."""
         for length in (2, 1):
             repo_id = "/".join(parts[:length])
@@ -226,7 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
         raise _HttpError(404, "RepoNotFound", "Repository not found")
 
     @staticmethod
-    def _check_revision(repo: _Repo, revision: str) -> None:
+    def _check_revision(repo: Repo, revision: str) -> None:
         if revision not in ("main", repo.revision):
             raise _HttpError(404, "RevisionNotFound", f"Invalid rev id: {revision!a}")
 
@@ -244,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
 
-    def _send_file(self, repo: _Repo, f: _File) -> None:
+    def _send_file(self, repo: Repo, f: RepoFile) -> None:
         """Serve a file with the headers `hf_hub_download` reads, honouring a single byte range."""
         headers = {
             "Content-Type": "application/octet-stream",
@@ -307,7 +215,7 @@ class HubStandin:
         host: str = "127.0.0.1",
         port: int = 0,
     ):
-        self._repos = {repo_id: _Repo.load(files) for repo_id, files in repos.items()}
+        self._repos = {repo_id: Repo.load(files) for repo_id, files in repos.items()}
         self._token = token
         self._address = (host, port)
         self._server: _Server | None = None
