@@ -1,36 +1,27 @@
 """Shared fixtures: the real test model behind a local hub, a hub cache filled by
 the entrypoint's real `pull`, and `entrypoint.py serve` running as a process.
 
-The hub and localllm are unreachable here; tests/hub_standin.py and
+The hub and localllm are unreachable here; testkit/hub_standin.py and
 tests/localllm_standin/ stand in for them (tests/run installs the latter as `llm`).
 Everything else is real: llama-cpp-python's server, the model, the HTTP clients.
 """
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hub_standin import HubStandin  # noqa: E402
+from testkit.environment import ENTRYPOINT, ROOT, clean_environ, free_port, write_model_env  # noqa: F401
+from testkit.hub_standin import HubStandin
+from testkit.server import ServerProcess
 
 REPO = "test-org/gemma-3-270m-GGUF"
 ALIAS = "gemma-3-270m"
 # One real GGUF served under several quant names, so file choice is exercised.
 REPO_FILES = ["gemma-3-270m-Q4_K_M.gguf", "gemma-3-270m-Q8_0.gguf", "gemma-3-270m-q4_k_s.gguf"]
-READY_DEADLINE = 120  # seconds; the model loads in about 2 s here
 
 
 _figures: list[tuple[str, str]] = []
@@ -69,29 +60,8 @@ def hub(model_path):
         yield server
 
 
-def write_model_env(path: Path, **values: str) -> Path:
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_environ(**extra: str) -> dict[str, str]:
-    """The caller's environment without settings that would leak into a test."""
-    names = {"MODEL", "MODEL_FILE", "MODEL_QUANT", "MODEL_ALIAS", "N_CTX", "N_THREADS", "N_THREADS_BATCH",
-             "CHAT_FORMAT", "PORT", "STOP_TIMEOUT", "MODEL_ENV_FILE", "API_KEY"}
-    env = {k: v for k, v in os.environ.items() if k not in names and not k.startswith("HF_")}
-    env["HF_HUB_DISABLE_TELEMETRY"] = "1"
-    env.update(extra)
-    return env
-
-
 def run_entrypoint(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "entrypoint.py"), *args], env=env,
+    return subprocess.run([sys.executable, str(ENTRYPOINT), *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -106,77 +76,8 @@ def pulled_home(tmp_path_factory, hub) -> Path:
     return home
 
 
-class Entrypoint:
-    """`entrypoint.py serve` as a process; its stdout is collected line by line."""
-
-    def __init__(self, env: dict[str, str], port: int, prefix: tuple[str, ...] = ()):
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.marker = env["LOCALLLM_TEST_MARKER"]
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([*prefix, sys.executable, str(ROOT / "entrypoint.py"), "serve"], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_DEADLINE
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"entrypoint exited early:\n{self.output()}"
-            try:
-                with urllib.request.urlopen(self.url + "/v1/models", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f"not ready after {READY_DEADLINE} s:\n{self.output()}")
-
-    def wait_for_line(self, text: str, timeout: float = 10) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [line for line in self.lines if text in line]
-            if found:
-                return found[-1]
-            time.sleep(0.05)
-        raise AssertionError(f"no line with {text!r} within {timeout} s:\n{self.output()}")
-
-    def leftovers(self) -> list[int]:
-        """Processes started by this entrypoint (they inherit the marker) still alive."""
-        return processes_with_env(f"LOCALLLM_TEST_MARKER={self.marker}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        for pid in self.leftovers():
-            os.kill(pid, signal.SIGKILL)
-
-
-def processes_with_env(entry: str) -> list[int]:
-    """Live (non-zombie) processes whose environment holds `entry`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if f"{entry}".encode() in (proc / "environ").read_bytes().split(b"\0"):
-                if "\nState:\tZ" not in (proc / "status").read_text():
-                    found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
 def launch(folder: Path, hf_home: Path, prefix: tuple[str, ...] = (), model_env: dict[str, str] | None = None,
-           **settings: str) -> Entrypoint:
+           **settings: str) -> ServerProcess:
     """Start `entrypoint.py serve` on a pulled cache, offline, as the image would;
     `prefix` is a command to start it under, `model_env` replaces model.env's lines."""
     port = free_port()
@@ -184,26 +85,26 @@ def launch(folder: Path, hf_home: Path, prefix: tuple[str, ...] = (), model_env:
                                                          N_CTX="2048")
     env_file = write_model_env(folder / f"model-{port}.env", **lines)
     env = clean_environ(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", MODEL_ENV_FILE=str(env_file),
-                        PORT=str(port), LOCALLLM_TEST_MARKER=uuid.uuid4().hex, **settings)
-    return Entrypoint(env, port, prefix)
+                        PORT=str(port), **settings)
+    return ServerProcess.entrypoint(env, port, prefix)
 
 
-def serve_from_hub(folder: Path, hub_url: str, model_env: dict[str, str], **environ: str) -> Entrypoint:
+def serve_from_hub(folder: Path, hub_url: str, model_env: dict[str, str], **environ: str) -> ServerProcess:
     """Start `entrypoint.py serve` for a repo of a hub stand-in: model.env as given, the rest
     from the environment; the model is downloaded at start, as a slim image (PULL_MODEL=0) does."""
     port = free_port()
     env_file = write_model_env(folder / f"model-{port}.env", **model_env)
     env = clean_environ(HF_HOME=str(folder / "hf"), HF_ENDPOINT=hub_url, MODEL_ENV_FILE=str(env_file),
-                        PORT=str(port), LOCALLLM_TEST_MARKER=uuid.uuid4().hex, **environ)
-    return Entrypoint(env, port)
+                        PORT=str(port), **environ)
+    return ServerProcess.entrypoint(env, port)
 
 
 @pytest.fixture
 def start_server(tmp_path, pulled_home):
     """Start servers of one's own (stopped and checked for leftovers at teardown)."""
-    started: list[Entrypoint] = []
+    started: list[ServerProcess] = []
 
-    def start(prefix: tuple[str, ...] = (), model_env: dict[str, str] | None = None, **settings: str) -> Entrypoint:
+    def start(prefix: tuple[str, ...] = (), model_env: dict[str, str] | None = None, **settings: str) -> ServerProcess:
         started.append(launch(tmp_path, pulled_home, prefix, model_env, **settings))
         return started[-1]
 

@@ -2,7 +2,7 @@
 fuzzed from the server's own /openapi.json with schemathesis, then specific cases.
 
 llama-cpp-python 0.3.36 answers much bad input with 500 and some of it by crashing;
-inside_server.RequestGuard answers it with a 400 naming the field instead. A 5xx
+localllm_container.server.guard answers it with a 400 naming the field instead. A 5xx
 that remains must be named in KNOWN_5XX with the reason; any other fails the test.
 """
 from __future__ import annotations
@@ -237,7 +237,7 @@ def test_a_grammar_that_parses_is_followed(small_server):
 
 
 def test_a_body_over_the_limit_gets_413(small_server):
-    from inside_server import MAX_BODY_BYTES
+    from localllm_container.server.client import MAX_BODY_BYTES
     reply = post(small_server, "/v1/completions", content=b" " * (MAX_BODY_BYTES + 1),
                  headers={"Content-Type": "application/json"})
     assert reply.status_code == 413 and "larger than" in error_message(reply), reply.text
@@ -293,9 +293,10 @@ def test_requests_that_would_kill_the_server_get_400(small_server, path, body, p
 GRAMMAR_INSIDE_THE_SERVER = """
 import sys
 sys.path.insert(0, {root!r})
-import llama_cpp, inside_server
+import llama_cpp
+from localllm_container.server import patches
 if {patched!r}:
-    inside_server.refuse_unparsed_grammars()
+    patches.refuse_unparsed_grammars()
 llama = llama_cpp.Llama({model!r}, n_ctx=256, verbose=False)
 try:
     llama.create_completion("Hi", max_tokens=2, grammar=llama_cpp.LlamaGrammar.from_string("root ::= x"))

@@ -1,4 +1,5 @@
-"""A damaged or replaced model file is caught at start, with one line, before llama.cpp loads it."""
+"""The model's files: pulled and recorded at build time, and a damaged or replaced file caught at
+start, with one line, before llama.cpp loads it."""
 from __future__ import annotations
 
 import json
@@ -71,3 +72,29 @@ def test_pull_records_the_hubs_size_and_sha256(pulled_home, hub):
     assert name == "gemma-3-270m-Q4_K_M.gguf" and facts["size"] == MODEL_SIZE
     (blob,) = (pulled_home / f"hub/models--{REPO.replace('/', '--')}/blobs").iterdir()
     assert facts["sha256"] == blob.name  # the hub cache names LFS blobs by their SHA-256
+
+
+def test_pull_lists_the_hubs_quants_when_none_matches(tmp_path, hub):
+    env_file = write_model_env(tmp_path / "model.env", MODEL="test-org/gemma-3-270m-GGUF", MODEL_QUANT="Q5_K_M")
+    done = run_entrypoint("pull", env=clean_environ(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub.url,
+                                                    MODEL_ENV_FILE=str(env_file)))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: MODEL_QUANT='Q5_K_M' matches no .gguf file in test-org/gemma-3-270m-GGUF: "
+        "the repo has Q4_K_M, Q4_K_S, Q8_0 (or set MODEL_FILE)"]
+
+
+def test_pull_of_an_unknown_repo_says_so(tmp_path, hub):
+    env_file = write_model_env(tmp_path / "model.env", MODEL="test-org/absent-GGUF")
+    done = run_entrypoint("pull", env=clean_environ(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub.url,
+                                                    MODEL_ENV_FILE=str(env_file)))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: MODEL=test-org/absent-GGUF was not found at {hub.url} "
+                                   "(check the repo id; private repos need HF_TOKEN)")
+
+
+def test_pull_records_the_choice_for_offline_serving(pulled_home):
+    record = (pulled_home / "localllm-model.json").read_text()
+    assert '"gemma-3-270m-Q4_K_M.gguf"' in record
+    snapshot = next((pulled_home / "hub/models--test-org--gemma-3-270m-GGUF/snapshots").iterdir())
+    assert [p.name for p in snapshot.iterdir()] == ["gemma-3-270m-Q4_K_M.gguf"]

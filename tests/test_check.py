@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +40,16 @@ def test_check_passes_and_prints_the_figures(server, report):
     assert chat, done.stdout
     assert done.stdout.splitlines()[-1] == f"ok: {server.url} serves '{ALIAS}'"
     report("check against the test server", chat.group(0))
+
+
+def test_check_runs_with_click_alone(server, tmp_path):
+    """As on a laptop: no site-packages (python -S), only click beside the standard library."""
+    import click
+    shutil.copytree(Path(click.__file__).parent, tmp_path / "click")
+    done = subprocess.run([sys.executable, "-S", str(ROOT / "entrypoint.py"), "check", server.url],
+                          env={"PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == f"ok: {server.url} serves '{ALIAS}'", (
+        done.stdout + done.stderr)
 
 
 def test_a_url_ending_in_v1_works_too(server):
@@ -117,3 +129,13 @@ def test_api_key_of_the_server(start_server):
 def test_contradictory_options_are_usage_errors(args, message):
     done = check("http://127.0.0.1:9", *args)
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_the_stream_reader_reads_each_kind_of_line():
+    """The one reader of OpenAI event streams (check, the load test, the benchmark)."""
+    from localllm_container.check import DONE, stream_event
+    assert stream_event(b'data: {"choices": []}\n') == {"choices": []}
+    assert stream_event("data:[DONE]") == DONE
+    assert [stream_event(line) for line in ("", "\n", ": ping - 2026-12-04", "event: x")] == [None] * 4
+    with pytest.raises(ValueError):
+        stream_event("data: {not json")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from hub_standin import HubStandin
+from testkit.environment import ROOT
+from testkit.hub_standin import HubStandin
 
 REPO = "test-org/tiny-GGUF"
 OTHER = "test-org/other-model"
@@ -272,11 +273,12 @@ def test_requests_are_recorded(hub):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_script_serves_until_signalled(sources, signum):
-    script = Path(__file__).with_name("hub_standin.py")
     with subprocess.Popen(
-        [sys.executable, str(script), "--port", "0", "--repo", f"{REPO}=tiny-Q8_0.gguf:{sources['q8']}"],
+        [sys.executable, "-m", "testkit.hub_standin", "--port", "0",
+         "--repo", f"{REPO}=tiny-Q8_0.gguf:{sources['q8']}"],
         stdout=subprocess.PIPE,
         text=True,
+        cwd=ROOT,
     ) as proc:
         try:
             url = proc.stdout.readline().strip()

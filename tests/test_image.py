@@ -2,7 +2,7 @@
 
 Only what cannot be reached is replaced, through the Dockerfile's own build
 arguments: the base image comes from debootstrap (BASE_IMAGE), localllm from the
-stand-in's wheel (LOCALLLM), the hub from tests/hub_standin.py (HF_ENDPOINT).
+stand-in's wheel (LOCALLLM), the hub from testkit/hub_standin.py (HF_ENDPOINT).
 The hub asks for a token, which reaches the build only as a secret.
 """
 from __future__ import annotations
@@ -23,7 +23,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from conftest import ALIAS, REPO, REPO_FILES, ROOT, HubStandin, free_port, processes_with_env
+from conftest import ALIAS, REPO, REPO_FILES, ROOT, free_port
+from testkit.hub_standin import HubStandin
+from testkit.server import processes_with_env
 
 BASE_IMAGE = "localhost/debian:bookworm-slim"
 CACHE = Path(os.environ.get("LOCALLLM_TEST_CACHE", Path.home() / ".cache/localllm-tests"))
@@ -375,14 +377,14 @@ def test_the_best_cpu_build_for_this_machine_is_loaded(container):
 IMAGE_RUN = """
 import os, sys
 sys.path.insert(0, "/app")
-import entrypoint
-level = os.environ.get("FORCE_LEVEL") or entrypoint.choose_cpu_level("")[0]
+from localllm_container import cache, cpu, settings
+level = os.environ.get("FORCE_LEVEL") or cpu.choose_cpu_level("")[0]
 os.environ["LLAMA_CPP_LIB_PATH"] = f"/opt/llama-cpu/{level}"
 print("level", level, flush=True)
 from llama_cpp import Llama
-config = entrypoint.load()  # the image's model.env
-(name,) = entrypoint.recorded_files(config)
-llm = Llama(str(entrypoint.cached_path(config["MODEL"], name)), n_ctx=64, n_threads=2, verbose=False)
+config = settings.load()  # the image's model.env
+(name,) = cache.recorded_files(config)
+llm = Llama(str(cache.cached_path(config["MODEL"], name)), n_ctx=64, n_threads=2, verbose=False)
 print("generated", llm.create_completion("Hello", max_tokens=2)["usage"]["completion_tokens"], flush=True)
 """
 

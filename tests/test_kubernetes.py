@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from entrypoint import HEALTH_PATH, MODEL_ENV_DEFAULT, parse_env_file
+from localllm_container.cli import HEALTH_PATH
+from localllm_container.settings import MODEL_ENV_DEFAULT, parse_env_file
 
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 KUBERNETES_VERSION = "1.33.0"

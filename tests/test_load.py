@@ -15,10 +15,10 @@ SMALL_RUN = ["--clients", "4", "--requests", "3", "--stagger", "0.5", "--deadlin
 
 
 def load_test(entrypoint, tmp_path) -> tuple[int, dict, str]:
-    """Run bench/loadtest.py against the server: (exit status, JSON summary, printed table)."""
+    """Run bench.loadtest against the server: (exit status, JSON summary, printed table)."""
     out = tmp_path / f"load-{entrypoint.port}.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "loadtest.py"), "--url", entrypoint.url,
-                           *SMALL_RUN, "--json", str(out)], capture_output=True, text=True, timeout=360)
+    done = subprocess.run([sys.executable, "-m", "bench.loadtest", "--url", entrypoint.url, *SMALL_RUN,
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=360)
     return done.returncode, json.loads(out.read_text()), done.stdout + done.stderr
 
 

@@ -25,8 +25,9 @@ import pytest
 from pydantic import BaseModel
 
 import compat_matrix
-import openai_compat
-from conftest import HubStandin, serve_from_hub
+from conftest import serve_from_hub
+from localllm_container.server import replies
+from testkit.hub_standin import HubStandin
 
 TOOLS_REPO = "test-org/gemma-3-270m-tools-GGUF"
 TEMPLATE_REPO = "test-org/gemma-3-270m-it-GGUF"
@@ -398,10 +399,10 @@ def test_auto_reads_a_tool_call_the_model_writes(server, form):
 def test_a_stream_reads_tool_calls_as_the_whole_text_does(text):
     """However the text is cut into chunks, the stream sends what reading the whole text gives
     (what it passes on early is text that cannot start a call)."""
-    reader = openai_compat.ToolCallReader(("get_weather",))
+    reader = replies.ToolCallReader(("get_weather",))
     whole_content, whole_calls = reader.calls(text)
     for size in (1, 2, 3, 7, len(text) or 1):
-        stream = openai_compat.ToolCallStream(reader)
+        stream = replies.ToolCallStream(reader)
         early = "".join(stream.feed(text[i:i + size]) for i in range(0, len(text), size))
         late, calls = stream.end()
         assert [call["function"] for call in calls] == [call["function"] for call in whole_calls], (size, text)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import openai
 import pytest
 
-import entrypoint
-from conftest import Entrypoint, HubStandin, serve_from_hub
+from conftest import serve_from_hub
+from localllm_container import model
+from testkit.hub_standin import HubStandin
+from testkit.server import ServerProcess
 
 TEMPLATE_REPO = "test-org/gemma-3-270m-it-GGUF"
 SPLIT_REPO = "test-org/gemma-3-270m-split-GGUF"
@@ -28,9 +30,9 @@ def models_hub(derived):
 @pytest.fixture
 def serve_repo(tmp_path, models_hub):
     """Start `serve` for a repo: model.env as given, the rest from the environment."""
-    started: list[Entrypoint] = []
+    started: list[ServerProcess] = []
 
-    def start(model_env: dict[str, str], **environ: str) -> Entrypoint:
+    def start(model_env: dict[str, str], **environ: str) -> ServerProcess:
         started.append(serve_from_hub(tmp_path, models_hub.url, model_env, **environ))
         return started[-1]
 
@@ -39,7 +41,7 @@ def serve_repo(tmp_path, models_hub):
         server.close()
 
 
-def client(server: Entrypoint) -> openai.OpenAI:
+def client(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
@@ -69,10 +71,10 @@ def test_a_model_with_its_own_chat_template_answers(serve_repo, report, chat_for
 
 
 def test_the_chat_format_choice_on_both_models(model_path, derived):
-    base = entrypoint.model_facts([model_path])
-    templated = entrypoint.model_facts([derived.with_template()])
-    assert entrypoint.automatic_chat_format(base, "google/gemma-3-270m-GGUF")[0] == "gemma"
-    assert entrypoint.automatic_chat_format(templated, TEMPLATE_REPO) == ("", "automatic: the GGUF's chat template")
+    base = model.model_facts([model_path])
+    templated = model.model_facts([derived.with_template()])
+    assert model.automatic_chat_format(base, "google/gemma-3-270m-GGUF")[0] == "gemma"
+    assert model.automatic_chat_format(templated, TEMPLATE_REPO) == ("", "automatic: the GGUF's chat template")
 
 
 def test_a_split_model_is_pulled_and_served(serve_repo, report):

@@ -13,7 +13,8 @@ import time
 import openai
 import pytest
 
-from conftest import ALIAS, REPO, ROOT, processes_with_env
+from conftest import ALIAS, REPO, ROOT
+from testkit.server import processes_with_env
 
 
 def test_models_lists_the_alias(server):
