@@ -50,6 +50,7 @@ COMMAND = "~/.cache/localllm-tests/venv/bin/python -m bench.performance"
 
 def model_env() -> Path:
     path = CACHE / "model.env"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"MODEL={REPO}\nMODEL_QUANT=Q4_K_M\nN_CTX={N_CTX}\n")
     return path
 
@@ -57,8 +58,8 @@ def model_env() -> Path:
 def server_environ(**extra: str) -> dict[str, str]:
     """A clean environment (no setting that would change what is measured), plus the
     bench's hub cache, level folders and model.env."""
-    return clean_environ(HF_HOME=str(CACHE / "hf-home"), HF_HUB_OFFLINE="1", MODEL_ENV_FILE=str(model_env()),
-                         CPU_LEVELS_DIR=str(CACHE / "levels"), **extra)
+    return clean_environ(**{"HF_HOME": str(CACHE / "hf-home"), "HF_HUB_OFFLINE": "1",
+                            "MODEL_ENV_FILE": str(model_env()), "CPU_LEVELS_DIR": str(CACHE / "levels"), **extra})
 
 
 def pull_model(model_path: Path) -> None:
