@@ -1,0 +1,49 @@
+"""llama.cpp's own server as the image builds it (scripts/build-llama-server.sh), run
+directly: what the second engine (ENGINE=llama-server) stands on."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from testkit.environment import clean_environ, free_port
+from testkit.server import ServerProcess
+
+PAIRS = 20  # a stream, then a plain request on the same connection; unpatched, 8 of 20 failed here
+
+
+@pytest.fixture(scope="module")
+def llama_server(model_path):
+    folder = os.environ.get("LLAMA_SERVER_DIR")
+    if not folder:
+        pytest.skip("LLAMA_SERVER_DIR is not set: tests/run builds llama-server and sets it")
+    import llama_cpp
+    port = free_port()
+    env = clean_environ(LD_LIBRARY_PATH=str(Path(llama_cpp.__file__).parent / "lib"))
+    server = ServerProcess([str(Path(folder) / "llama-server"), "-m", str(model_path), "--host", "127.0.0.1",
+                            "--port", str(port), "-c", "2048", "-np", "2", "-t", "2"], env, port, "llama-server")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.close()
+
+
+def test_a_request_after_a_stream_on_the_same_connection_is_answered(llama_server):
+    """The regression test of scripts/llama-server-stream-keepalive.patch: unpatched, the server
+    closed the connection after each stream without saying so, and a client that reused it (httpx
+    and the openai client do) got "Server disconnected without sending a response"."""
+    failures = []
+    with httpx.Client(base_url=llama_server.url, timeout=120, trust_env=False) as http:
+        for i in range(PAIRS):
+            try:
+                with http.stream("POST", "/v1/completions",
+                                 json={"prompt": "Hello", "max_tokens": 4, "stream": True}) as reply:
+                    for _ in reply.iter_lines():
+                        pass
+                http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).raise_for_status()
+            except httpx.HTTPError as exc:
+                failures.append(f"pair {i}: {type(exc).__name__}: {exc}")
+    assert failures == [], failures
