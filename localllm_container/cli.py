@@ -6,23 +6,22 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 
 import click
 
 from . import check as node_check
+from . import llama_server
 from .cache import check_model_file, files_to_serve, cached_path, llm, pull_files, record_key, record_path, \
     recorded_files
 from .errors import UserError
 from .model import model_facts
+from .server import HEALTH_PATH
 from .server.log import uvicorn_log_config
 from .settings import BOOLEANS, SETTINGS, given, load, model_env_path, parse_env_file, resolve_runtime
 
-# The health path: llama-cpp-python's server only listens once the model is loaded,
-# and this route needs no API key and, unlike /v1/models, does not wait for the
-# model lock, so a long generation cannot make a busy node look dead.
-HEALTH_PATH = "/openapi.json"
 
 
 @click.group(invoke_without_command=True)
@@ -38,11 +37,18 @@ def config() -> None:
     """Print the effective settings and where each came from."""
     cfg = load()
     paths = [cached_path(cfg["MODEL"], name) for name in recorded_files(cfg) or {}]
-    resolve_runtime(cfg, model_facts(paths) if paths and all(paths) else None)
+    model = model_facts(paths) if paths and all(paths) else None
+    resolve_runtime(cfg, model)
     for name in SETTINGS:
         click.echo(f"{name}={cfg[name]}  # {cfg.sources[name]}")
     for name in cfg.extra:
         click.echo(f"{name}={cfg[name]}  # {cfg.sources[name]}, passed on")
+    if cfg["ENGINE"] == "llama-server":
+        if model is None:
+            click.echo("# llama-server's command: known once the model is pulled (entrypoint.py pull)")
+        else:
+            command = llama_server.command(cfg, model.path, model)
+            click.echo("# llama-server's command: " + " ".join(shlex.quote(arg) for arg in command))
 
 
 @cli.command()
@@ -68,19 +74,27 @@ def serve() -> None:
     files = files_to_serve(cfg)
     verify = BOOLEANS[cfg["VERIFY_MODEL_SHA256"].lower()]
     paths = [check_model_file(cfg["MODEL"], name, expected, verify) for name, expected in files.items()]
-    resolve_runtime(cfg, model_facts(paths))
+    model = model_facts(paths)
+    resolve_runtime(cfg, model)
     first = next(iter(files))
-    log_target = start_log_relay()
     scratch = scratch_dir()
-    log_config = scratch / "uvicorn-log.json"
-    log_config.write_text(json.dumps(uvicorn_log_config(log_target)))
-    command = llm("run", cfg["MODEL"], cfg["PORT"], "--host", "0.0.0.0", "--filename", first,
-                  "--verbose", "--log-config", str(log_config))
-    click.echo(f"Serving {cfg['MODEL']} ({first}) as {cfg['MODEL_ALIAS']!r} on port {cfg['PORT']} "
-               f"with {cfg['N_THREADS']} threads, context {cfg['N_CTX']}, {cfg['CPU_LEVEL']} build")
+    direct = cfg["ENGINE"] == "llama-server"
+    if direct:
+        command = llama_server.command(cfg, paths[0], model)
+        busy = lambda: llama_server.answers_in_flight(cfg["PORT"], cfg.values.get("API_KEY", ""))  # noqa: E731
+    else:
+        log_config = scratch / "uvicorn-log.json"
+        log_config.write_text(json.dumps(uvicorn_log_config(start_log_relay())))
+        command = llm("run", cfg["MODEL"], cfg["PORT"], "--host", "0.0.0.0", "--filename", first,
+                      "--verbose", "--log-config", str(log_config))
+        busy = None
+    engine, slots = ("llama-server, ", f" in each of {cfg['PARALLEL']} slots") if direct else ("", "")
+    click.echo(f"Serving {cfg['MODEL']} ({first}) as {cfg['MODEL_ALIAS']!r} on port {cfg['PORT']} with {engine}"
+               f"{cfg['N_THREADS']} threads, context {cfg['N_CTX']}{slots}, {cfg['CPU_LEVEL']} build")
     env = server_env(cfg, dict(os.environ))
     sys.stdout.flush()
-    sys.exit(Supervisor(command, env, int(cfg["STOP_TIMEOUT"]), scratch / "start-error.txt").run())
+    sys.exit(Supervisor(command, env, int(cfg["STOP_TIMEOUT"]), scratch / "start-error.txt", direct, busy).run())
+
 
 
 @cli.command()

@@ -94,19 +94,24 @@ CONTEXT_CAP = 8192  # long enough for chat and RAG prompts; more only when asked
 CONTEXT_STEP = 256
 
 
-def memory_needed(model: ModelFacts, n_ctx: int) -> int:
-    """Model file (mapped) + KV cache + compute buffers, whose largest part is the
-    logits of a 512-token batch (float32 per vocabulary entry; 512 MiB for Gemma's
-    262k tokens) + 128 MiB for the rest."""
-    return model.size + n_ctx * model.kv_bytes_per_token + 512 * model.vocabulary * 4 + (128 << 20)
+def memory_needed(model: ModelFacts, n_ctx: int, slots: int = 1, prompt_cache: int = 0) -> int:
+    """Model file (mapped) + KV cache (N_CTX tokens for each slot) + the engine's prompt
+    cache in RAM (bytes) + compute buffers, whose largest part is the logits of a
+    512-token batch (float32 per vocabulary entry; 512 MiB for Gemma's 262k tokens)
+    + 128 MiB for the rest."""
+    return (model.size + slots * n_ctx * model.kv_bytes_per_token + prompt_cache
+            + 512 * model.vocabulary * 4 + (128 << 20))
+
+
+def fits_in_memory(model: ModelFacts, n_ctx: int, slots: int = 1, prompt_cache: int = 0) -> bool:
+    return memory_needed(model, n_ctx, slots, prompt_cache) <= resources.memory_limit()[0]
 
 
 def automatic_context(model: ModelFacts) -> tuple[str, str]:
     """The trained context capped at CONTEXT_CAP, halved until it fits (not below 512),
-    in whole CONTEXT_STEPs."""
-    limit, _ = resources.memory_limit()
+    in whole CONTEXT_STEPs. It is the context of one conversation, on either engine."""
     n_ctx = start = max(CONTEXT_STEP, min(model.trained_context, CONTEXT_CAP) // CONTEXT_STEP * CONTEXT_STEP)
-    while n_ctx > 512 and memory_needed(model, n_ctx) > limit:
+    while n_ctx > 512 and not fits_in_memory(model, n_ctx):
         n_ctx = max(512, n_ctx // 2 // CONTEXT_STEP * CONTEXT_STEP)
     why = f"automatic: trained {model.trained_context}, capped at {CONTEXT_CAP}"
     if n_ctx < start:
@@ -114,16 +119,19 @@ def automatic_context(model: ModelFacts) -> tuple[str, str]:
     return str(n_ctx), why
 
 
-def check_memory(model: ModelFacts, n_ctx: int) -> None:
+def check_memory(model: ModelFacts, n_ctx: int, slots: int = 1, prompt_cache: int = 0) -> None:
     """Refuse to start what cannot fit; warn when it is tight."""
     limit, where = resources.memory_limit()
-    needed = memory_needed(model, n_ctx)
+    needed = memory_needed(model, n_ctx, slots, prompt_cache)
     gib = lambda n: f"{n / (1 << 30):.1f} GiB"  # noqa: E731
-    detail = (f"model {gib(model.size)} + context {n_ctx} tokens {gib(n_ctx * model.kv_bytes_per_token)} "
-              f"+ reserve = {gib(needed)}, {where} {gib(limit)}")
+    context = f"context {n_ctx} tokens" + (f" x {slots} slots" if slots > 1 else "")
+    detail = (f"model {gib(model.size)} + {context} {gib(slots * n_ctx * model.kv_bytes_per_token)} "
+              + (f"+ prompt cache {gib(prompt_cache)} " if prompt_cache else "")
+              + f"+ reserve = {gib(needed)}, {where} {gib(limit)}")
     if needed > limit:
         raise UserError(f"the model does not fit in memory ({detail}): choose a smaller MODEL_QUANT "
-                        "or a smaller N_CTX, or give the container more memory")
+                        "or a smaller N_CTX" + (" or PARALLEL" if slots > 1 else "")
+                        + ", or give the container more memory")
     if needed > 0.85 * limit:
         click.echo(f"warning: memory is tight ({detail})", err=True)
 

@@ -16,10 +16,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import llama_server
 from .cpu import choose_cpu_level, installed_cpu_levels, supported_cpu_features
 from .errors import UserError
 from .model import CONTEXT_STEP, ModelFacts, automatic_chat_format, automatic_context, check_memory
 from .resources import available_cpus
+
+ENGINES = ("localllm", "llama-server")
 
 ROOT = Path(__file__).resolve().parent.parent  # /app in the image: model.env lives beside entrypoint.py
 MODEL_ENV_DEFAULT = ROOT / "model.env"
@@ -34,9 +37,9 @@ class Setting:
     required: bool = False
 
 
-# The image's own settings. Anything else in model.env must be a setting of
-# llama-cpp-python's server (read by the server from the environment) or a
-# Hugging Face hub variable (HF_*).
+# The image's own settings. Anything else in model.env must be a setting of the
+# engine's server (llama-cpp-python's names for localllm, LLAMA_ARG_* for llama-server)
+# or a Hugging Face hub variable (HF_*).
 SETTINGS = {s.name: s for s in (
     Setting("MODEL", "", "Hugging Face repo id (ORG/NAME) of the GGUF model", required=True),
     Setting("MODEL_FILE", "", "exact file in the repo; empty = choose by MODEL_QUANT"),
@@ -50,6 +53,9 @@ SETTINGS = {s.name: s for s in (
     Setting("STOP_TIMEOUT", "10", "seconds to wait for the server to stop before SIGKILL"),
     Setting("VERIFY_MODEL_SHA256", "false", "hash the model at start and compare with the hub's SHA-256"),
     Setting("CPU_LEVEL", "", "llama.cpp build to load (avx2, avx512, avx512_vnni); empty = best for this CPU",
+            auto=True),
+    Setting("ENGINE", "localllm", "localllm (llm run, one request at a time) or llama-server (parallel slots)"),
+    Setting("PARALLEL", "", "llama-server's slots (requests answered at once); empty = from CPUs and memory",
             auto=True),
 )}
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -84,7 +90,7 @@ def parse_env_file(path: Path) -> dict[str, str]:
 @dataclass
 class Config:
     """Effective settings: value and where it came from, per name. `extra` holds
-    the pass-through ones (server settings, HF_*) that go to the server as-is."""
+    the pass-through ones (the engine's server settings, HF_*) that go to it as-is."""
     values: dict[str, str]
     sources: dict[str, str]
     extra: list[str]
@@ -115,17 +121,41 @@ def load_config(environ: dict[str, str], env_file: Path) -> Config:
 
     for name, setting in SETTINGS.items():
         take(name, setting.default)
+    engine = values["ENGINE"]
+    if engine not in ENGINES:
+        raise UserError(f"ENGINE={engine!r} is not valid: expected {' or '.join(ENGINES)}")
     fields = server_settings()
     for name in file_values:
-        if name not in SETTINGS and name not in fields and not name.startswith("HF_"):
+        if name not in SETTINGS and name not in fields and not name.startswith(("HF_", "LLAMA_ARG_")):
             raise UserError(f"{name} in {env_file.name} is not a setting of this image, of llama-cpp-python's "
-                            "server or of the Hugging Face hub (HF_*): check its spelling")
-    extra = sorted((set(from_file) | (set(fields) & set(from_env)) | set(SERVER_DEFAULTS)) - set(SETTINGS))
+                            "server, of llama-server (LLAMA_ARG_*) or of the Hugging Face hub (HF_*): "
+                            "check its spelling")
+    given_names = set(from_file) | {name for name in from_env if name in fields or name.startswith("LLAMA_ARG_")}
+    defaults = SERVER_DEFAULTS if engine == "localllm" else {}
+    extra = sorted((given_names | set(defaults)) - set(SETTINGS))
     for name in extra:
-        take(name, SERVER_DEFAULTS.get(name))
+        check_engine_takes(engine, name)
+        take(name, defaults.get(name))
     config = Config(values, sources, extra)
     validate(config, fields)
     return config
+
+
+def check_engine_takes(engine: str, name: str) -> None:
+    """A pass-through setting the chosen engine would not read is an error, never dropped."""
+    if name.startswith("HF_"):
+        return
+    if engine == "localllm" and name.startswith("LLAMA_ARG_"):
+        raise UserError(f"{name} is a setting of llama-server, which ENGINE=localllm does not run: "
+                        "set ENGINE=llama-server, or use llama-cpp-python's setting of the same meaning "
+                        "(docs/en/configuration.md)")
+    if engine == "llama-server" and not name.startswith("LLAMA_ARG_"):
+        if name not in llama_server.SHARED_SETTINGS:
+            raise UserError(f"{name} is a setting of llama-cpp-python's server, which ENGINE=llama-server does "
+                            "not run: use llama-server's variable of the same meaning (LLAMA_ARG_*, "
+                            "docs/en/configuration.md), or set ENGINE=localllm")
+    elif engine == "llama-server":
+        llama_server.check_variable(name)
 
 
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -166,6 +196,10 @@ def validate(config: Config, server_fields: dict) -> None:
     _positive_int(config, "N_THREADS_BATCH", allow_empty=True, upper=1024)
     _positive_int(config, "PORT", upper=65535)
     _positive_int(config, "STOP_TIMEOUT", upper=3600)
+    _positive_int(config, "PARALLEL", allow_empty=True, upper=256)
+    if config["PARALLEL"] and config["ENGINE"] != "llama-server":
+        raise UserError(f"PARALLEL={config['PARALLEL']!r} is a setting of ENGINE=llama-server (localllm answers "
+                        "one request at a time): set ENGINE=llama-server, or leave PARALLEL empty")
     levels = installed_cpu_levels()
     if config["CPU_LEVEL"] and config["CPU_LEVEL"] not in levels:
         raise UserError(f"CPU_LEVEL={config['CPU_LEVEL']!r} is not valid: expected empty (automatic) or one of "
@@ -177,6 +211,10 @@ def validate(config: Config, server_fields: dict) -> None:
         if config["CHAT_FORMAT"] not in formats:
             raise UserError(f"CHAT_FORMAT={config['CHAT_FORMAT']!r} is not valid: expected empty "
                             f"(use the GGUF's template) or one of {', '.join(sorted(formats))}")
+        if config["ENGINE"] == "llama-server":
+            llama_server.chat_template(config["CHAT_FORMAT"])
+    if config["ENGINE"] == "llama-server":
+        llama_server.binary()
     for name in config.extra:
         if name in server_fields:
             check_server_setting(name, config[name], server_fields[name])
@@ -222,15 +260,25 @@ def resolve_runtime(config: Config, model: ModelFacts | None = None) -> None:
         config.sources["MODEL_ALIAS"] = "automatic: repo name"
     config.values["CPU_LEVEL"], config.sources["CPU_LEVEL"] = choose_cpu_level(config["CPU_LEVEL"])
     if model is None:
-        for name in ("N_CTX", "CHAT_FORMAT"):
+        for name in ("N_CTX", "CHAT_FORMAT") + (("PARALLEL",) if config["ENGINE"] == "llama-server" else ()):
             if not config[name]:
                 config.sources[name] = "automatic: decided at start from the model file"
         return
     if not config["N_CTX"]:
         config.values["N_CTX"], config.sources["N_CTX"] = automatic_context(model)
-    check_memory(model, int(config["N_CTX"]))
     if not config["CHAT_FORMAT"]:
         config.values["CHAT_FORMAT"], config.sources["CHAT_FORMAT"] = automatic_chat_format(model, config["MODEL"])
+    n_ctx = int(config["N_CTX"])
+    if config["ENGINE"] != "llama-server":
+        check_memory(model, n_ctx)
+        return
+    if config["CHAT_FORMAT"]:
+        llama_server.chat_template(config["CHAT_FORMAT"])  # an automatic choice may have no equivalent
+    if not config["PARALLEL"]:
+        config.values["PARALLEL"], config.sources["PARALLEL"] = llama_server.automatic_parallel(
+            model, n_ctx, available_cpus()[0])
+    slots = int(config["PARALLEL"])
+    check_memory(model, n_ctx, slots, llama_server.prompt_cache_bytes(model, n_ctx, slots))
 
 
 def model_env_path() -> Path:

@@ -2,6 +2,8 @@
 port is open and leaves the server orphaned (../shared/localllm-contract.md), so this
 adopts it as a child subreaper, relays its log, forwards stop signals to the whole
 tree, kills what is left at STOP_TIMEOUT and exits non-zero when the server dies.
+llama-server (ENGINE=llama-server) is started directly and is its own child; as it
+cuts answers in flight when told to stop, the stop waits for them first (`busy`).
 It decides no setting: server_env hands the effective ones to the server.
 """
 from __future__ import annotations
@@ -15,10 +17,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import click
 import psutil
 
+from . import llama_server
 from .cpu import installed_cpu_levels
 from .server.log import START_ERROR_VARIABLE
 from .settings import ROOT, Config
@@ -84,12 +88,16 @@ def reap() -> list[tuple[int, int]]:
 
 
 class Supervisor:
-    """Runs `llm run`, adopts the server it leaves behind, and stops the tree."""
+    """Runs `llm run`, adopts the server it leaves behind, and stops the tree; or runs
+    a server that stays in the foreground (`direct`) as its child."""
 
-    def __init__(self, command: list[str], env: dict[str, str], stop_timeout: int, start_error: Path):
-        """`start_error`: where the server writes why it could not start (server.log)."""
+    def __init__(self, command: list[str], env: dict[str, str], stop_timeout: int, start_error: Path,
+                 direct: bool = False, busy: Callable[[], bool] | None = None):
+        """`start_error`: where the server writes why it could not start (server.log).
+        `busy`: whether answers are in flight, for a server that cuts them on SIGTERM:
+        the stop then waits for them (up to STOP_TIMEOUT - 3 s) before passing it on."""
         self.command, self.env, self.stop_timeout = command, env, stop_timeout
-        self.start_error = start_error
+        self.start_error, self.direct, self.busy = start_error, direct, busy
         self.env[START_ERROR_VARIABLE] = str(start_error)
         self.stop_signal: int | None = None
         self.terminated: set[int] = set()
@@ -97,7 +105,8 @@ class Supervisor:
     def _on_signal(self, signum, _frame) -> None:
         if self.stop_signal is None:
             self.stop_signal = signum
-            signal_tree(signal.SIGTERM, self.terminated)
+            if self.busy is None:
+                signal_tree(signal.SIGTERM, self.terminated)
 
     def run(self) -> int:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -106,6 +115,8 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         starter = subprocess.Popen(self.command, env=self.env)
+        if self.direct:
+            return self.watch({starter.pid})
         while (status := starter.poll()) is None and self.stop_signal is None:
             time.sleep(0.05)
         if self.stop_signal is not None:
@@ -120,6 +131,10 @@ class Supervisor:
         if not server:
             click.echo("error: `llm run` returned but no server process is left to adopt", err=True)
             return 1
+        return self.watch(server)
+
+    def watch(self, server: set[int]) -> int:
+        """Until a stop signal: exit 1 as soon as a server process dies."""
         while self.stop_signal is None:
             for pid, status in reap():
                 if pid in server:
@@ -136,6 +151,10 @@ class Supervisor:
     def stop(self) -> int:
         """Forward the stop to the whole tree, SIGKILL what is left at the deadline."""
         deadline = time.monotonic() + max(0.5, self.stop_timeout - 1.5)  # leave time to reap and exit
+        drained = time.monotonic() + max(0, self.stop_timeout - 3)  # as uvicorn's graceful shutdown
+        while self.busy is not None and time.monotonic() < drained and descendants() and self.busy():
+            reap()
+            time.sleep(0.1)
         while descendants() and time.monotonic() < deadline:
             signal_tree(signal.SIGTERM, self.terminated)  # a child may have started meanwhile
             reap()
@@ -159,6 +178,8 @@ def stop_before_serving(signum, _frame) -> None:
 
 def server_env(config: Config, environ: dict[str, str]) -> dict[str, str]:
     """The server's environment: the effective settings on top of ours (pydantic reads them)."""
+    if config["ENGINE"] == "llama-server":
+        return llama_server.environment(environ, config["CPU_LEVEL"])  # settings are on its command line
     env = dict(environ)
     for name in ("N_CTX", "N_THREADS", "N_THREADS_BATCH", "MODEL_ALIAS", "CHAT_FORMAT"):
         if config[name]:

@@ -20,7 +20,7 @@ def clean_environ(**extra: str) -> dict[str, str]:
     """This process's environment without settings, with the venv's `llm` first on PATH
     and the hub's telemetry off; then `extra`."""
     names = set(SETTINGS) | set(server_settings()) | CHOOSING
-    env = {k: v for k, v in os.environ.items() if k not in names and not k.startswith("HF_")}
+    env = {k: v for k, v in os.environ.items() if k not in names and not k.startswith(("HF_", "LLAMA_ARG_"))}
     env["HF_HUB_DISABLE_TELEMETRY"] = "1"
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env.update(extra)

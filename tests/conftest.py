@@ -3,7 +3,13 @@ the entrypoint's real `pull`, and `entrypoint.py serve` running as a process.
 
 The hub and localllm are unreachable here; testkit/hub_standin.py and
 tests/localllm_standin/ stand in for them (tests/run installs the latter as `llm`).
-Everything else is real: llama-cpp-python's server, the model, the HTTP clients.
+Everything else is real: llama-cpp-python's server, llama-server (tests/run builds it),
+the model, the HTTP clients.
+
+A test that starts servers through `server` or `start_server` runs once per engine
+(ENGINE=localllm, ENGINE=llama-server); `@pytest.mark.engines("localllm")` limits it
+to the engines named, where the other's behaviour is not the one tested (each such
+mark says why).
 """
 from __future__ import annotations
 
@@ -24,7 +30,20 @@ ALIAS = "gemma-3-270m"
 REPO_FILES = ["gemma-3-270m-Q4_K_M.gguf", "gemma-3-270m-Q8_0.gguf", "gemma-3-270m-q4_k_s.gguf"]
 
 
+ENGINES = ("localllm", "llama-server")
+
 _figures: list[tuple[str, str]] = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "engines(*names): run only on these engines (default: all of ENGINES)")
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize every test that (through its fixtures) asks for `engine`."""
+    if "engine" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("engines")
+        metafunc.parametrize("engine", marker.args if marker else ENGINES, scope="module")
 
 
 @pytest.fixture(scope="session")
@@ -76,16 +95,16 @@ def pulled_home(tmp_path_factory, hub) -> Path:
     return home
 
 
-def launch(folder: Path, hf_home: Path, prefix: tuple[str, ...] = (), model_env: dict[str, str] | None = None,
-           **settings: str) -> ServerProcess:
-    """Start `entrypoint.py serve` on a pulled cache, offline, as the image would;
-    `prefix` is a command to start it under, `model_env` replaces model.env's lines."""
+def launch(folder: Path, hf_home: Path, engine: str, prefix: tuple[str, ...] = (),
+           model_env: dict[str, str] | None = None, **settings: str) -> ServerProcess:
+    """Start `entrypoint.py serve` with ENGINE=`engine` on a pulled cache, offline, as the
+    image would; `prefix` is a command to start it under, `model_env` replaces model.env's lines."""
     port = free_port()
     lines = model_env if model_env is not None else dict(MODEL=REPO, MODEL_QUANT="Q4_K_M", CHAT_FORMAT="gemma",
                                                          N_CTX="2048")
     env_file = write_model_env(folder / f"model-{port}.env", **lines)
     env = clean_environ(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", MODEL_ENV_FILE=str(env_file),
-                        PORT=str(port), **settings)
+                        PORT=str(port), **{"ENGINE": engine, **settings})
     return ServerProcess.entrypoint(env, port, prefix)
 
 
@@ -100,12 +119,12 @@ def serve_from_hub(folder: Path, hub_url: str, model_env: dict[str, str], **envi
 
 
 @pytest.fixture
-def start_server(tmp_path, pulled_home):
+def start_server(tmp_path, pulled_home, engine):
     """Start servers of one's own (stopped and checked for leftovers at teardown)."""
     started: list[ServerProcess] = []
 
     def start(prefix: tuple[str, ...] = (), model_env: dict[str, str] | None = None, **settings: str) -> ServerProcess:
-        started.append(launch(tmp_path, pulled_home, prefix, model_env, **settings))
+        started.append(launch(tmp_path, pulled_home, engine, prefix, model_env, **settings))
         return started[-1]
 
     yield start
@@ -114,9 +133,9 @@ def start_server(tmp_path, pulled_home):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, pulled_home):
+def server(tmp_path_factory, pulled_home, engine):
     """One ready server shared by the read-only API tests of a module."""
-    entrypoint = launch(tmp_path_factory.mktemp("serve"), pulled_home)
+    entrypoint = launch(tmp_path_factory.mktemp("serve"), pulled_home, engine)
     try:
         entrypoint.wait_ready()
         yield entrypoint

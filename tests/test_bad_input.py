@@ -55,9 +55,9 @@ def known_5xx(message: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def small_server(tmp_path_factory, pulled_home):
+def small_server(tmp_path_factory, pulled_home, engine):
     """One server with a small context for the whole module: prompts past it are cheap to make."""
-    entrypoint = launch(tmp_path_factory.mktemp("bad-input"), pulled_home, N_CTX=str(N_CTX))
+    entrypoint = launch(tmp_path_factory.mktemp("bad-input"), pulled_home, engine, N_CTX=str(N_CTX))
     try:
         entrypoint.wait_ready()
         yield entrypoint
@@ -131,9 +131,9 @@ def test_fuzzed_requests_get_no_unexplained_5xx(api_schema, small_server, label,
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
-def test_fuzzed_embeddings_get_no_unexplained_5xx(tmp_path, pulled_home, mode, report):
+def test_fuzzed_embeddings_get_no_unexplained_5xx(tmp_path, pulled_home, engine, mode, report):
     """With EMBEDDING=true /v1/embeddings reaches the model, which the small server refuses."""
-    server = launch(tmp_path, pulled_home, N_CTX=str(N_CTX), EMBEDDING="true")
+    server = launch(tmp_path, pulled_home, engine, N_CTX=str(N_CTX), EMBEDDING="true")
     try:
         server.wait_ready()
         schema = schemathesis.openapi.from_url(server.url + "/openapi.json")

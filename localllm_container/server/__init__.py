@@ -14,3 +14,7 @@ in: uvicorn applies it before it imports the app (log.uvicorn_log_config). It br
 - translate, replies: today's OpenAI requests and replies (pure JSON).
 Nothing here imports the rest of the package: the server process needs only this.
 """
+
+# The health route of both engines (llama-server's own; server/guard.py answers it for
+# llama-cpp-python's server, before the API key check and without waiting for the model).
+HEALTH_PATH = "/health"

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 
+from . import HEALTH_PATH
 from .checks import ServedModel, check_semantics, nulls_meaning_default, parse_json, request_models, \
     validated, with_defaults_explicit
 from .client import GENERATION, Client, ClientGone, Generation, read_body
 from .replies import Reply
 from .streaming import StreamedResponse, answer
 from .translate import BadRequest, translate
+
+# llama-server's body on HEALTH_PATH, so a probe means the same on both engines.
+HEALTHY = b'{"status":"ok"}'
 
 
 class RequestGuard:
@@ -32,6 +36,8 @@ class RequestGuard:
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
+        if scope["type"] == "http" and path == HEALTH_PATH and scope["method"] in ("GET", "HEAD"):
+            return await answer(send, 200, HEALTHY)  # the server listens only once the model is loaded
         if scope["type"] != "http" or scope["method"] != "POST" or path not in self.models:
             return await self.app(scope, receive, send)
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}

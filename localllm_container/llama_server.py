@@ -1,0 +1,144 @@
+"""The second engine, llama.cpp's own server (ENGINE=llama-server): parallel slots with
+continuous batching and a prompt cache, for a node a team shares. It owns what is
+particular to this engine: where the binary is, which of its variables a user may
+set, how CHAT_FORMAT maps to its templates, how many slots, and its command line.
+The supervisor runs the command as its direct child; settings decide the values.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from .errors import UserError
+from .model import ModelFacts, fits_in_memory
+
+NAME = "llama-server"
+# CHAT_FORMAT (llama-cpp-python's names) -> llama-server's built-in template of the same
+# prompt layout. Names without one (saiga, functionary, alpaca, ...) are refused.
+CHAT_TEMPLATES = {"chatml": "chatml", "qwen": "chatml", "llama-2": "llama2", "llama-3": "llama3",
+                  "gemma": "gemma", "mistral-instruct": "mistral-v1", "zephyr": "zephyr",
+                  "vicuna": "vicuna", "openchat": "openchat", "chatglm3": "chatglm3"}
+# llama-server variables the image sets from its own settings: setting them directly
+# would fight those, so each is refused with the setting to use instead.
+OWN_VARIABLES = {"LLAMA_ARG_MODEL": "MODEL and MODEL_FILE", "LLAMA_ARG_CTX_SIZE": "N_CTX",
+                 "LLAMA_ARG_THREADS": "N_THREADS", "LLAMA_ARG_THREADS_BATCH": "N_THREADS_BATCH",
+                 "LLAMA_ARG_N_PARALLEL": "PARALLEL", "LLAMA_ARG_ALIAS": "MODEL_ALIAS",
+                 "LLAMA_ARG_PORT": "PORT", "LLAMA_ARG_HOST": "nothing (the image listens on 0.0.0.0)",
+                 "LLAMA_ARG_API_KEY": "API_KEY", "LLAMA_ARG_EMBEDDINGS": "EMBEDDING",
+                 "LLAMA_ARG_CHAT_TEMPLATE": "CHAT_FORMAT", "LLAMA_ARG_KV_UNIFIED": "N_CTX and PARALLEL"}
+# llama-cpp-python settings both engines take: each becomes this llama-server option.
+SHARED_SETTINGS = {"API_KEY": "--api-key", "EMBEDDING": "--embeddings"}
+# Slots from the CPUs: one per CPU, at least MIN (a few users never wait in line even on
+# 2 CPUs) and at most MAX (beyond, each answer gets too small a share of the CPUs).
+MIN_SLOTS, MAX_SLOTS = 4, 16
+PROMPT_CACHE_CAP_MIB = 8192  # llama-server's own default bound on its prompt cache
+
+
+def binary() -> str:
+    """The llama-server executable: on PATH (/opt/llama-server in the image)."""
+    found = shutil.which(NAME)
+    if not found:
+        raise UserError("ENGINE=llama-server: this installation has no llama-server on PATH: build the image "
+                        "from this repository's Dockerfile, or set ENGINE=localllm")
+    return found
+
+
+def library_path(cpu_level: str, levels_dir: str | None) -> str:
+    """llama.cpp's libraries for llama-server: the image's CPU level folder, the same
+    one the localllm engine loads, else llama-cpp-python's own (same sources, same sonames)."""
+    if levels_dir and (Path(levels_dir) / cpu_level).is_dir():
+        return str(Path(levels_dir) / cpu_level)
+    spec = importlib.util.find_spec("llama_cpp")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "lib")
+
+
+def environment(environ: dict[str, str], cpu_level: str) -> dict[str, str]:
+    env = dict(environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [library_path(cpu_level, environ.get("CPU_LEVELS_DIR")),
+                                                           environ.get("LD_LIBRARY_PATH")]))
+    return env
+
+
+@functools.cache
+def documented_variables() -> frozenset[str]:
+    """The LLAMA_ARG_* names this llama-server reads, from its own --help."""
+    help_text = subprocess.run([binary(), "--help"], env=environment(dict(os.environ), ""), capture_output=True,
+                               text=True, timeout=60).stdout
+    return frozenset(re.findall(r"\(env: (LLAMA_ARG_[A-Z0-9_]+)\)", help_text))
+
+
+def check_variable(name: str) -> None:
+    """Refuse a LLAMA_ARG_* name llama-server does not read, or one the image sets."""
+    if name in OWN_VARIABLES:
+        raise UserError(f"{name} is set by the image from its own settings: set {OWN_VARIABLES[name]} instead")
+    if name not in documented_variables():
+        raise UserError(f"{name} is not a variable of llama-server: check its spelling against "
+                        "`llama-server --help` (the names after env:) or docs/en/configuration.md")
+
+
+def chat_template(chat_format: str) -> str:
+    if chat_format not in CHAT_TEMPLATES:
+        raise UserError(f"CHAT_FORMAT={chat_format!r} has no equivalent in llama-server (ENGINE=llama-server): "
+                        "leave it empty to use the GGUF's own template, or use one of "
+                        f"{', '.join(sorted(CHAT_TEMPLATES))}, or set ENGINE=localllm")
+    return CHAT_TEMPLATES[chat_format]
+
+
+def prompt_cache_bytes(model: ModelFacts, n_ctx: int, slots: int) -> int:
+    """The prompt cache in RAM (conversations that lost their slot): as large as the slots'
+    own KV cache, within llama-server's default cap, so it counts in the memory rule."""
+    return min(slots * n_ctx * model.kv_bytes_per_token, PROMPT_CACHE_CAP_MIB << 20)
+
+
+def automatic_parallel(model: ModelFacts, n_ctx: int, cpus: int) -> tuple[str, str]:
+    """One slot per CPU within [MIN_SLOTS, MAX_SLOTS], fewer while the model with the KV
+    cache of every slot (N_CTX each) and the prompt cache does not fit in memory."""
+    slots = start = min(MAX_SLOTS, max(MIN_SLOTS, cpus))
+    while slots > 1 and not fits_in_memory(model, n_ctx, slots, prompt_cache_bytes(model, n_ctx, slots)):
+        slots -= 1
+    why = f"automatic: {cpus} CPUs, within {MIN_SLOTS}..{MAX_SLOTS}"
+    return str(slots), why + (", lowered to fit memory" if slots < start else "")
+
+
+def command(config, model_path: Path, model: ModelFacts) -> list[str]:
+    """llama-server's command line from the effective settings (`config`)."""
+    n_ctx, slots = int(config["N_CTX"]), int(config["PARALLEL"])
+    cache_mib = max(1, prompt_cache_bytes(model, n_ctx, slots) >> 20)
+    args = [binary(), "--model", str(model_path), "--alias", config["MODEL_ALIAS"],
+            "--host", "0.0.0.0", "--port", config["PORT"],
+            # N_CTX is per conversation: every slot gets all of it (the KV cache is split evenly)
+            "--ctx-size", str(n_ctx * slots), "--parallel", str(slots), "--no-kv-unified",
+            "--threads", config["N_THREADS"], "--threads-batch", config["N_THREADS_BATCH"],
+            "--cache-ram", str(cache_mib),
+            "--fit", "off",  # never shrink what was asked for behind the user's back
+            "--metrics", "--no-webui"]
+    if config["CHAT_FORMAT"]:
+        args += ["--no-jinja", "--chat-template", chat_template(config["CHAT_FORMAT"])]
+    else:
+        args += ["--jinja"]  # the GGUF's own template, with tools
+    for name, option in SHARED_SETTINGS.items():
+        value = config.values.get(name, "")
+        if name == "API_KEY" and value:
+            args += [option, value]
+        elif name == "EMBEDDING" and value.lower() in ("true", "1", "yes"):
+            args += [option]
+    return args
+
+
+def answers_in_flight(port: str, api_key: str) -> bool:
+    """Whether any slot is still answering (the drain before a stop); False when the
+    server cannot tell, so a stop is never held up by a server that stopped answering."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/slots",
+                                     headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=1) as reply:
+            return any(slot.get("is_processing") for slot in json.load(reply))
+    except (OSError, ValueError):
+        return False
