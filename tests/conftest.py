@@ -32,6 +32,14 @@ REPO_FILES = ["gemma-3-270m-Q4_K_M.gguf", "gemma-3-270m-Q8_0.gguf", "gemma-3-270
 
 ENGINES = ("localllm", "llama-server")
 
+# What each engine writes to the container log (its own words, so the tests read them):
+# the server has taken over from the entrypoint; a request was answered; a graceful stop.
+LOG_LINES = {
+    "localllm": {"running": "Running ", "answered": '"POST /v1/completions HTTP/1.1" 200',
+                 "stopped": "Finished server process"},
+    "llama-server": {"running": "listening on", "answered": "print_timing", "stopped": "cleaning up before exit"},
+}
+
 _figures: list[tuple[str, str]] = []
 
 

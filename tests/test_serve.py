@@ -1,5 +1,6 @@
-"""End to end: `entrypoint.py serve` with the real llama-cpp-python server and model,
-called through real clients (the openai package, curl), stopped with real signals."""
+"""End to end: `entrypoint.py serve` with the real server of each engine (llama-cpp-python's
+through localllm, llama-server) and the real model, called through real clients (the openai
+package, curl), stopped with real signals."""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import openai
 import pytest
 
-from conftest import ALIAS, REPO, ROOT
+from conftest import ALIAS, LOG_LINES, REPO, ROOT
 from testkit.server import processes_with_env
 
 
@@ -62,11 +64,12 @@ def test_request_with_datasphere_headers_succeeds(server):
     assert json.loads(reply.stdout)["choices"][0]["text"]
 
 
-def test_request_log_lines_reach_the_entrypoint_stdout(server):
-    """After `llm run` has returned, uvicorn's access lines still reach the container log."""
-    assert server.wait_for_line("Running ")  # `llm run` has returned
-    client(server).models.list()
-    server.wait_for_line('"GET /v1/models HTTP/1.1" 200')
+def test_request_log_lines_reach_the_entrypoint_stdout(server, engine):
+    """After `llm run` has returned, uvicorn's access lines still reach the container log;
+    llama-server (no access log) writes its timing lines for each request there."""
+    assert server.wait_for_line(LOG_LINES[engine]["running"])  # the server has taken over
+    client(server).completions.create(model=ALIAS, prompt="Hello", max_tokens=2)
+    server.wait_for_line(LOG_LINES[engine]["answered"])
 
 
 def wait_exit(entrypoint, timeout: float) -> tuple[int, float]:
@@ -75,7 +78,7 @@ def wait_exit(entrypoint, timeout: float) -> tuple[int, float]:
     return code, time.monotonic() - started
 
 
-def test_sigterm_stops_with_status_0_and_leaves_nothing(start_server):
+def test_sigterm_stops_with_status_0_and_leaves_nothing(start_server, engine):
     entrypoint = start_server()
     entrypoint.wait_ready()
     assert entrypoint.leftovers(), "expected the server among the entrypoint's processes"
@@ -84,7 +87,7 @@ def test_sigterm_stops_with_status_0_and_leaves_nothing(start_server):
     assert code == 0, entrypoint.output()
     assert took < 10
     assert entrypoint.leftovers() == []
-    entrypoint.wait_for_line("Finished server process")  # a graceful stop, not the SIGKILL fallback
+    entrypoint.wait_for_line(LOG_LINES[engine]["stopped"])  # a graceful stop, not the SIGKILL fallback
 
 
 def test_sigterm_right_after_the_port_opens(start_server):
@@ -103,12 +106,15 @@ def test_sigterm_right_after_the_port_opens(start_server):
     assert entrypoint.leftovers() == []
 
 
-def test_server_death_makes_the_entrypoint_exit_nonzero(start_server):
+SERVER_COMMAND = {"localllm": b"llama_cpp.server.app", "llama-server": b"llama-server"}
+
+
+def test_server_death_makes_the_entrypoint_exit_nonzero(start_server, engine):
     entrypoint = start_server()
     entrypoint.wait_ready()
-    entrypoint.wait_for_line("Running ")  # `llm run` has returned: the server is adopted
+    entrypoint.wait_for_line(LOG_LINES[engine]["running"])  # localllm: `llm run` has returned, the server adopted
     servers = [pid for pid in entrypoint.leftovers()
-               if b"llama_cpp.server.app" in open(f"/proc/{pid}/cmdline", "rb").read()]
+               if SERVER_COMMAND[engine] in open(f"/proc/{pid}/cmdline", "rb").read()]
     assert len(servers) == 1
     os.kill(servers[0], signal.SIGKILL)
     code, took = wait_exit(entrypoint, 5)
@@ -129,10 +135,26 @@ def test_run_time_environment_overrides_model_env(start_server):
     ({"N_CTX": "abc"}, "error: N_CTX='abc' is not valid"),
     ({"MODEL_QUANT": "Q5_K_M"}, "error: MODEL_QUANT='Q5_K_M' matches no .gguf file"),
     ({"MODEL": "other-org/absent-GGUF"}, "error: MODEL=other-org/absent-GGUF is not in this image's model cache"),
-    ({"N_BATCH": "many"}, "error: N_BATCH='many' is not valid"),
+    ({"N_BATCH": "many"}, {"localllm": "error: N_BATCH='many' is not valid",
+                           "llama-server": "error: N_BATCH is a setting of llama-cpp-python's server"}),
     ({"CHAT_FORMAT": "gemma-3"}, "error: CHAT_FORMAT='gemma-3' is not valid"),
+    ({"ENGINE": "vllm"}, "error: ENGINE='vllm' is not valid: expected localllm or llama-server"),
+    ({"PARALLEL": "0"}, "error: PARALLEL='0' is not valid"),
+    ({"LLAMA_ARG_BATCH": "256"}, {"localllm": "error: LLAMA_ARG_BATCH is a setting of llama-server, which "
+                                              "ENGINE=localllm does not run",
+                                  "llama-server": None}),  # taken: this row checks only the localllm engine
+    ({"LLAMA_ARG_BATHC": "256"}, {"localllm": "error: LLAMA_ARG_BATHC is a setting of llama-server",
+                                  "llama-server": "error: LLAMA_ARG_BATHC is not a variable of llama-server"}),
+    ({"LLAMA_ARG_CTX_SIZE": "4096"}, {"localllm": "error: LLAMA_ARG_CTX_SIZE is a setting of llama-server",
+                                      "llama-server": "error: LLAMA_ARG_CTX_SIZE is set by the image from its "
+                                                      "own settings: set N_CTX instead"}),
+    ({"CHAT_FORMAT": "saiga"}, {"localllm": None, "llama-server": "error: CHAT_FORMAT='saiga' has no equivalent "
+                                                                  "in llama-server"}),
 ])
-def test_bad_settings_give_one_line_and_status_2(start_server, settings, message):
+def test_bad_settings_give_one_line_and_status_2(start_server, engine, settings, message):
+    message = message[engine] if isinstance(message, dict) else message
+    if message is None:
+        pytest.skip(f"valid on the {engine} engine; another row or test serves with it")
     entrypoint = start_server(**settings)
     code = entrypoint.proc.wait(30)
     lines = entrypoint.output().splitlines()
@@ -156,9 +178,9 @@ def health(entrypoint, timeout: float = 4) -> subprocess.CompletedProcess:
                           env={**os.environ, "PORT": str(entrypoint.port)}, timeout=timeout)
 
 
-def test_health_answers_without_the_api_key_while_the_api_needs_it(start_server):
+def test_health_answers_without_the_api_key_while_the_api_needs_it(start_server, engine):
     entrypoint = start_server(API_KEY="sk-test-key")
-    entrypoint.wait_for_line("Running ", timeout=120)
+    entrypoint.wait_for_line(LOG_LINES[engine]["running"], timeout=120)
     assert health(entrypoint).returncode == 0
     with pytest.raises(openai.AuthenticationError):
         client(entrypoint).models.list()
@@ -180,12 +202,12 @@ READ_ONLY_ROOT = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
                   'mount -o remount,bind,ro / && exec "$0" "$@"')
 
 
-def test_serves_with_a_read_only_root_filesystem(start_server):
+def test_serves_with_a_read_only_root_filesystem(start_server, engine):
     """As `docker run --read-only` (or readOnlyRootFilesystem): only /dev/shm stays writable."""
     entrypoint = start_server(prefix=READ_ONLY_ROOT)
     entrypoint.wait_ready()
     assert client(entrypoint).completions.create(model=ALIAS, prompt="Hi", max_tokens=4).choices[0].text
-    entrypoint.wait_for_line('"POST /v1/completions HTTP/1.1" 200')
+    entrypoint.wait_for_line(LOG_LINES[engine]["answered"])
 
 
 def test_chat_format_is_chosen_from_the_model_when_not_set(start_server):
@@ -195,3 +217,36 @@ def test_chat_format_is_chosen_from_the_model_when_not_set(start_server):
     reply = client(entrypoint).chat.completions.create(
         model=ALIAS, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=16)
     assert reply.choices[0].message.content.strip()
+
+
+def get_json(entrypoint, path: str):
+    with urllib.request.urlopen(entrypoint.url + path, timeout=10) as reply:
+        return json.load(reply)
+
+
+@pytest.mark.engines("llama-server")  # slots are llama-server's; localllm answers one request at a time
+def test_llama_server_has_the_slots_and_context_asked_for(start_server):
+    """PARALLEL empty: one slot per CPU, at least 4; N_CTX is each slot's context; a LLAMA_ARG_*
+    variable reaches llama-server."""
+    entrypoint = start_server(PARALLEL="", LLAMA_ARG_ENDPOINT_PROPS="true")
+    entrypoint.wait_ready()
+    slots = get_json(entrypoint, "/slots")
+    assert len(slots) == max(4, min(16, len(os.sched_getaffinity(0))))
+    assert {slot["n_ctx"] for slot in slots} == {2048}
+    assert f"context 2048 in each of {len(slots)} slots" in entrypoint.output()
+    assert get_json(entrypoint, "/props")["endpoint_props"] is True
+    fixed = start_server(PARALLEL="2")
+    fixed.wait_ready()
+    assert [slot["n_ctx"] for slot in get_json(fixed, "/slots")] == [2048, 2048]
+
+
+@pytest.mark.engines("llama-server")  # the prompt localllm builds is llama-cpp-python's own gemma format
+def test_chat_format_is_llama_servers_template_of_the_same_layout(start_server):
+    """CHAT_FORMAT=gemma must build a Gemma prompt, not a template whose text is "gemma"."""
+    entrypoint = start_server(CHAT_FORMAT="gemma")
+    entrypoint.wait_ready()
+    request = urllib.request.Request(entrypoint.url + "/apply-template", json.dumps({"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]}).encode())
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        prompt = json.load(reply)["prompt"]
+    assert prompt == "<start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\n"
