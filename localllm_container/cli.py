@@ -4,6 +4,7 @@ as one line with exit status 2.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -82,18 +83,20 @@ def serve() -> None:
     if direct:
         command = llama_server.command(cfg, paths[0], model)
         busy = lambda: llama_server.answers_in_flight(cfg["PORT"], cfg.values.get("API_KEY", ""))  # noqa: E731
+        explain = functools.partial(llama_server.start_failure, model_path=paths[0])
     else:
         log_config = scratch / "uvicorn-log.json"
         log_config.write_text(json.dumps(uvicorn_log_config(start_log_relay())))
         command = llm("run", cfg["MODEL"], cfg["PORT"], "--host", "0.0.0.0", "--filename", first,
                       "--verbose", "--log-config", str(log_config))
-        busy = None
+        busy = explain = None
     engine, slots = ("llama-server, ", f" in each of {cfg['PARALLEL']} slots") if direct else ("", "")
     click.echo(f"Serving {cfg['MODEL']} ({first}) as {cfg['MODEL_ALIAS']!r} on port {cfg['PORT']} with {engine}"
                f"{cfg['N_THREADS']} threads, context {cfg['N_CTX']}{slots}, {cfg['CPU_LEVEL']} build")
     env = server_env(cfg, dict(os.environ))
     sys.stdout.flush()
-    sys.exit(Supervisor(command, env, int(cfg["STOP_TIMEOUT"]), scratch / "start-error.txt", direct, busy).run())
+    sys.exit(Supervisor(command, env, int(cfg["STOP_TIMEOUT"]), scratch / "start-error.txt", direct, busy,
+                        explain).run())
 
 
 

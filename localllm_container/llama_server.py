@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .model import ModelFacts, fits_in_memory
+from .server.log import load_failure
 
 NAME = "llama-server"
 # CHAT_FORMAT (llama-cpp-python's names) -> llama-server's built-in template of the same
@@ -25,14 +26,20 @@ NAME = "llama-server"
 CHAT_TEMPLATES = {"chatml": "chatml", "qwen": "chatml", "llama-2": "llama2", "llama-3": "llama3",
                   "gemma": "gemma", "mistral-instruct": "mistral-v1", "zephyr": "zephyr",
                   "vicuna": "vicuna", "openchat": "openchat", "chatglm3": "chatglm3"}
-# llama-server variables the image sets from its own settings: setting them directly
-# would fight those, so each is refused with the setting to use instead.
-OWN_VARIABLES = {"LLAMA_ARG_MODEL": "MODEL and MODEL_FILE", "LLAMA_ARG_CTX_SIZE": "N_CTX",
-                 "LLAMA_ARG_THREADS": "N_THREADS", "LLAMA_ARG_THREADS_BATCH": "N_THREADS_BATCH",
-                 "LLAMA_ARG_N_PARALLEL": "PARALLEL", "LLAMA_ARG_ALIAS": "MODEL_ALIAS",
-                 "LLAMA_ARG_PORT": "PORT", "LLAMA_ARG_HOST": "nothing (the image listens on 0.0.0.0)",
-                 "LLAMA_ARG_API_KEY": "API_KEY", "LLAMA_ARG_EMBEDDINGS": "EMBEDDING",
-                 "LLAMA_ARG_CHAT_TEMPLATE": "CHAT_FORMAT", "LLAMA_ARG_KV_UNIFIED": "N_CTX and PARALLEL"}
+# llama-server variables of the options the image passes on its command line, where they
+# would lose to it in silence: each is refused with what to set instead.
+OWN_VARIABLES = {"LLAMA_ARG_MODEL": "set MODEL and MODEL_FILE", "LLAMA_ARG_CTX_SIZE": "set N_CTX",
+                 "LLAMA_ARG_THREADS": "set N_THREADS", "LLAMA_ARG_N_PARALLEL": "set PARALLEL",
+                 "LLAMA_ARG_ALIAS": "set MODEL_ALIAS", "LLAMA_ARG_PORT": "set PORT",
+                 "LLAMA_ARG_HOST": "leave it: the container listens on 0.0.0.0",
+                 "LLAMA_ARG_EMBEDDINGS": "set EMBEDDING", "LLAMA_ARG_CHAT_TEMPLATE": "set CHAT_FORMAT",
+                 "LLAMA_ARG_JINJA": "set CHAT_FORMAT (empty: the GGUF's template with Jinja)",
+                 "LLAMA_ARG_KV_UNIFIED": "set N_CTX and PARALLEL (each slot gets N_CTX)",
+                 "LLAMA_ARG_CACHE_RAM": "leave it: the prompt cache is sized to fit memory (docs/en/configuration.md)",
+                 "LLAMA_ARG_FIT": "leave it: N_CTX and PARALLEL are sized to fit memory before the start",
+                 "LLAMA_ARG_OFFLINE": "leave it: the engine never downloads",
+                 "LLAMA_ARG_ENDPOINT_METRICS": "leave it: /metrics is always on",
+                 "LLAMA_ARG_UI": "leave it: the web UI is not in the image"}
 # llama-cpp-python settings both engines take: each becomes this llama-server option.
 SHARED_SETTINGS = {"API_KEY": "--api-key", "EMBEDDING": "--embeddings"}
 # Slots from the CPUs: one per CPU, at least MIN (a few users never wait in line even on
@@ -77,7 +84,7 @@ def documented_variables() -> frozenset[str]:
 def check_variable(name: str) -> None:
     """Refuse a LLAMA_ARG_* name llama-server does not read, or one the image sets."""
     if name in OWN_VARIABLES:
-        raise UserError(f"{name} is set by the image from its own settings: set {OWN_VARIABLES[name]} instead")
+        raise UserError(f"{name} is set by the image from its own settings: {OWN_VARIABLES[name]}")
     if name not in documented_variables():
         raise UserError(f"{name} is not a variable of llama-server: check its spelling against "
                         "`llama-server --help` (the names after env:) or docs/en/configuration.md")
@@ -118,7 +125,7 @@ def command(config, model_path: Path, model: ModelFacts) -> list[str]:
             "--threads", config["N_THREADS"], "--threads-batch", config["N_THREADS_BATCH"],
             "--cache-ram", str(cache_mib),
             "--fit", "off",  # never shrink what was asked for behind the user's back
-            "--metrics", "--no-webui"]
+            "--offline", "--metrics", "--no-webui"]
     if config["CHAT_FORMAT"]:
         args += ["--no-jinja", "--chat-template", chat_template(config["CHAT_FORMAT"])]
     else:
@@ -142,3 +149,11 @@ def answers_in_flight(port: str, api_key: str) -> bool:
             return any(slot.get("is_processing") for slot in json.load(reply))
     except (OSError, ValueError):
         return False
+
+
+def start_failure(lines: list[str], model_path: Path) -> str | None:
+    """One line when llama-server's last lines say it could not load the model file,
+    in the localllm engine's words."""
+    if any("error loading model" in line or "failed to load model" in line for line in lines):
+        return load_failure(str(model_path), lines)
+    return None

@@ -8,6 +8,7 @@ It decides no setting: server_env hands the effective ones to the server.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import signal
@@ -53,6 +54,19 @@ def start_log_relay() -> str:
     return f"/proc/{os.getpid()}/fd/{write_fd}"
 
 
+def relay_lines(pipe, recent: collections.deque) -> threading.Thread:
+    """Copy a direct child's output to our stdout line by line, keeping the last lines
+    (for the reason it could not start)."""
+    def relay() -> None:
+        for line in iter(pipe.readline, b""):
+            os.write(sys.stdout.fileno(), line)
+            recent.append(line.decode("utf-8", "replace"))
+
+    thread = threading.Thread(target=relay, daemon=True, name="server-log")
+    thread.start()
+    return thread
+
+
 def descendants() -> list:
     try:
         return psutil.Process().children(recursive=True)
@@ -92,12 +106,16 @@ class Supervisor:
     a server that stays in the foreground (`direct`) as its child."""
 
     def __init__(self, command: list[str], env: dict[str, str], stop_timeout: int, start_error: Path,
-                 direct: bool = False, busy: Callable[[], bool] | None = None):
+                 direct: bool = False, busy: Callable[[], bool] | None = None,
+                 explain: Callable[[list[str]], str | None] | None = None):
         """`start_error`: where the server writes why it could not start (server.log).
         `busy`: whether answers are in flight, for a server that cuts them on SIGTERM:
-        the stop then waits for them (up to STOP_TIMEOUT - 3 s) before passing it on."""
+        the stop then waits for them (up to STOP_TIMEOUT - 3 s) before passing it on.
+        `explain`: one line on why a direct server died, from its last output lines."""
         self.command, self.env, self.stop_timeout = command, env, stop_timeout
-        self.start_error, self.direct, self.busy = start_error, direct, busy
+        self.start_error, self.direct, self.busy, self.explain = start_error, direct, busy, explain
+        self.recent: collections.deque = collections.deque(maxlen=50)
+        self.relay: threading.Thread | None = None
         self.env[START_ERROR_VARIABLE] = str(start_error)
         self.stop_signal: int | None = None
         self.terminated: set[int] = set()
@@ -114,9 +132,11 @@ class Supervisor:
             click.echo("warning: cannot become a child subreaper; the server will not be adopted", err=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        starter = subprocess.Popen(self.command, env=self.env)
         if self.direct:
-            return self.watch({starter.pid})
+            server = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            self.relay = relay_lines(server.stdout, self.recent)
+            return self.watch({server.pid})
+        starter = subprocess.Popen(self.command, env=self.env)
         while (status := starter.poll()) is None and self.stop_signal is None:
             time.sleep(0.05)
         if self.stop_signal is not None:
@@ -139,7 +159,11 @@ class Supervisor:
             for pid, status in reap():
                 if pid in server:
                     code = os.waitstatus_to_exitcode(status)
-                    click.echo(f"error: the model server (pid {pid}) exited with status {code}", err=True)
+                    if self.relay is not None:
+                        self.relay.join(2)  # its last lines, which may say why
+                    reason = self.explain(list(self.recent)) if self.explain else None
+                    click.echo(f"error: {reason}" if reason else
+                               f"error: the model server (pid {pid}) exited with status {code}", err=True)
                     signal_tree(signal.SIGKILL)
                     return 1
             if not descendants():  # not adopted (no subreaper) and gone

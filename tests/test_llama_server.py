@@ -2,12 +2,10 @@
 directly: what the second engine (ENGINE=llama-server) stands on."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import httpx
 import pytest
 
+from localllm_container import llama_server as engine
 from testkit.environment import clean_environ, free_port
 from testkit.server import ServerProcess
 
@@ -16,14 +14,11 @@ PAIRS = 20  # a stream, then a plain request on the same connection; unpatched, 
 
 @pytest.fixture(scope="module")
 def llama_server(model_path):
-    folder = os.environ.get("LLAMA_SERVER_DIR")
-    if not folder:
-        pytest.skip("LLAMA_SERVER_DIR is not set: tests/run builds llama-server and sets it")
-    import llama_cpp
+    """llama-server on PATH (tests/run builds it), with llama-cpp-python's libraries."""
     port = free_port()
-    env = clean_environ(LD_LIBRARY_PATH=str(Path(llama_cpp.__file__).parent / "lib"))
-    server = ServerProcess([str(Path(folder) / "llama-server"), "-m", str(model_path), "--host", "127.0.0.1",
-                            "--port", str(port), "-c", "2048", "-np", "2", "-t", "2"], env, port, "llama-server")
+    command = [engine.binary(), "-m", str(model_path), "--host", "127.0.0.1", "--port", str(port),
+               "-c", "2048", "-np", "2", "-t", "2"]
+    server = ServerProcess(command, engine.environment(clean_environ(), ""), port, "llama-server")
     try:
         server.wait_ready()
         yield server

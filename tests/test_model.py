@@ -58,3 +58,16 @@ def test_chat_format_follows_the_architecture_without_a_template(model_path, arc
     assert model.automatic_chat_format(facts, repo)[0] == expected
     facts.has_chat_template = True
     assert model.automatic_chat_format(facts, repo) == ("", "automatic: the GGUF's chat template")
+
+
+def test_the_memory_rule_counts_every_slot_and_the_prompt_cache(model_path, monkeypatch):
+    facts = model.model_facts([model_path])
+    one = model.memory_needed(facts, 4096)
+    assert model.memory_needed(facts, 4096, slots=4) == one + 3 * 4096 * facts.kv_bytes_per_token
+    assert model.memory_needed(facts, 4096, slots=4, prompt_cache=1 << 20) == \
+        model.memory_needed(facts, 4096, slots=4) + (1 << 20)
+    monkeypatch.setattr(resources, "memory_limit", lambda: (one + 4096 * facts.kv_bytes_per_token, "test limit"))
+    model.check_memory(facts, 4096, slots=2)  # exactly fits
+    with pytest.raises(UserError, match=r"context 4096 tokens x 3 slots .*: choose a smaller MODEL_QUANT or a "
+                                        r"smaller N_CTX or PARALLEL"):
+        model.check_memory(facts, 4096, slots=3)

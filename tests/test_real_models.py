@@ -1,7 +1,8 @@
 """Models as users have them, end to end through `entrypoint.py serve` and the openai client:
 an instruct model whose GGUF carries its own chat template, a split model, and files
 llama.cpp cannot load. All are derived from the real test model (tests/derived_models.py)
-and downloaded at start from the hub stand-in, as a slim image (PULL_MODEL=0) does."""
+and downloaded at start from the hub stand-in, as a slim image (PULL_MODEL=0) does; on
+each engine."""
 from __future__ import annotations
 
 import openai
@@ -28,12 +29,12 @@ def models_hub(derived):
 
 
 @pytest.fixture
-def serve_repo(tmp_path, models_hub):
-    """Start `serve` for a repo: model.env as given, the rest from the environment."""
+def serve_repo(tmp_path, models_hub, engine):
+    """Start `serve` for a repo on `engine`: model.env as given, the rest from the environment."""
     started: list[ServerProcess] = []
 
     def start(model_env: dict[str, str], **environ: str) -> ServerProcess:
-        started.append(serve_from_hub(tmp_path, models_hub.url, model_env, **environ))
+        started.append(serve_from_hub(tmp_path, models_hub.url, model_env, **{"ENGINE": engine, **environ}))
         return started[-1]
 
     yield start

@@ -123,3 +123,45 @@ def test_config_prints_each_setting_with_its_source(tmp_path):
     assert "MODEL_ALIAS=Foo-7B  # automatic: repo name" in lines
     assert "N_BATCH=256  # model.env, passed on" in lines
     assert any(line.startswith("N_THREADS=") and "# automatic: affinity" in line for line in lines)
+
+
+# ------------------------------------------------------------------ engines ---
+
+def test_the_engine_is_localllm_unless_asked(tmp_path):
+    env_file = write_model_env(tmp_path / "model.env", MODEL="TheBloke/Foo-7B-GGUF")
+    config = load_config({}, env_file)
+    assert (config["ENGINE"], config.sources["ENGINE"]) == ("localllm", "default")
+    assert load_config({"ENGINE": "llama-server"}, env_file)["ENGINE"] == "llama-server"
+
+
+def test_llama_server_takes_its_own_variables_and_the_shared_settings(tmp_path):
+    env_file = write_model_env(tmp_path / "model.env", MODEL="TheBloke/Foo-7B-GGUF", ENGINE="llama-server",
+                               LLAMA_ARG_BATCH="256", API_KEY="sk-1")
+    config = load_config({"LLAMA_ARG_FLASH_ATTN": "off", "EMBEDDING": "true"}, env_file)
+    assert config.extra == ["API_KEY", "EMBEDDING", "LLAMA_ARG_BATCH", "LLAMA_ARG_FLASH_ATTN"]  # no localllm defaults
+    assert (config["LLAMA_ARG_FLASH_ATTN"], config.sources["LLAMA_ARG_FLASH_ATTN"]) == ("off", "env")
+
+
+@pytest.mark.parametrize("chosen, given, message", [
+    ("localllm", {"LLAMA_ARG_BATCH": "256"}, "LLAMA_ARG_BATCH is a setting of llama-server, which ENGINE=localllm "
+                                             "does not run: set ENGINE=llama-server"),
+    ("llama-server", {"N_BATCH": "256"}, "N_BATCH is a setting of llama-cpp-python's server, which "
+                                         "ENGINE=llama-server does not run: use llama-server's variable"),
+    ("llama-server", {"LLAMA_ARG_BATHC": "1"}, "LLAMA_ARG_BATHC is not a variable of llama-server: check its "
+                                               "spelling"),
+    ("llama-server", {"LLAMA_ARG_THREADS": "4"}, "LLAMA_ARG_THREADS is set by the image from its own settings: "
+                                                 "set N_THREADS"),
+    ("llama-server", {"CHAT_FORMAT": "functionary"}, "CHAT_FORMAT='functionary' has no equivalent in llama-server"),
+    ("localllm", {"PARALLEL": "4"}, "PARALLEL='4' is a setting of ENGINE=llama-server"),
+    ("llama-server", {"PARALLEL": "many"}, "PARALLEL='many' is not valid: expected a whole number from 1 to 256, "
+                                           "or empty for automatic"),
+    ("LLAMA-SERVER", {}, "ENGINE='LLAMA-SERVER' is not valid: expected localllm or llama-server"),
+])
+def test_a_setting_the_engine_does_not_take_is_an_error(tmp_path, chosen, given, message):
+    """From model.env or the environment: never dropped in silence."""
+    for in_file in (True, False):
+        lines = dict(MODEL="TheBloke/Foo-7B-GGUF", ENGINE=chosen, **(given if in_file else {}))
+        env_file = write_model_env(tmp_path / "model.env", **lines)
+        with pytest.raises(UserError) as caught:
+            load_config({} if in_file else given, env_file)
+        assert str(caught.value).startswith(message), caught.value

@@ -62,15 +62,21 @@ def uvicorn_log_config(target: str) -> dict:
     }
 
 
+def load_failure(path: str, llama_lines: list[str]) -> str:
+    """One line on a model file llama.cpp could not load, in its words: the same on both engines."""
+    lines = [" ".join(line.split()) for line in llama_lines if line.strip()]
+    marker = "error loading model: "
+    reasons = [line.split(marker, 1)[1] for line in lines if marker in line]
+    reason = reasons[0] if reasons else (" ".join(lines) or "no reason given")
+    return f"llama.cpp cannot load the model file {path}: {reason}"
+
+
 def start_failure(exc: Exception, llama_errors: list[str]) -> str:
     """One line on why the server could not start, in llama.cpp's words where it said any."""
-    lines = [" ".join(line.split()) for line in "".join(llama_errors).splitlines() if line.strip()]
-    said = " ".join(lines)
-    marker = "error loading model: "
+    lines = "".join(llama_errors).splitlines()
+    said = " ".join(" ".join(line.split()) for line in lines if line.strip())
     if "Failed to load model" in str(exc):
-        reasons = [line.split(marker, 1)[1] for line in lines if marker in line]
-        reason = reasons[0] if reasons else (said or "no reason given")
-        return f"llama.cpp cannot load the model file {os.environ.get('MODEL', '?')}: {reason}"
+        return load_failure(os.environ.get("MODEL", "?"), lines)
     return f"the model server cannot start: {type(exc).__name__}: {exc}" + (f" (llama.cpp: {said})" if said else "")
 
 

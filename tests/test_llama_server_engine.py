@@ -1,0 +1,74 @@
+"""The llama-server engine's own decisions, without starting it: slots, the prompt cache
+and the command line from the settings (localllm_container/llama_server.py)."""
+from __future__ import annotations
+
+import pytest
+
+from localllm_container import llama_server, model, resources
+from localllm_container.errors import UserError
+from localllm_container.settings import Config
+
+
+@pytest.fixture
+def facts(model_path):
+    return model.model_facts([model_path])
+
+
+@pytest.mark.parametrize("cpus, slots", [(1, 4), (2, 4), (8, 8), (32, 16)])
+def test_one_slot_per_cpu_within_bounds_when_memory_is_plenty(facts, monkeypatch, cpus, slots):
+    monkeypatch.setattr(resources, "memory_limit", lambda: (64 << 30, "test limit"))
+    assert llama_server.automatic_parallel(facts, 4096, cpus) == (str(slots), f"automatic: {cpus} CPUs, within 4..16")
+
+
+def test_slots_are_lowered_until_they_fit(facts, monkeypatch):
+    need = lambda slots: model.memory_needed(facts, 8192, slots,  # noqa: E731
+                                             llama_server.prompt_cache_bytes(facts, 8192, slots))
+    monkeypatch.setattr(resources, "memory_limit", lambda: (need(3), "test limit"))
+    assert llama_server.automatic_parallel(facts, 8192, 8) == ("3", "automatic: 8 CPUs, within 4..16, "
+                                                                    "lowered to fit memory")
+    monkeypatch.setattr(resources, "memory_limit", lambda: (need(1) - 1, "test limit"))
+    assert llama_server.automatic_parallel(facts, 8192, 8)[0] == "1"  # then check_memory says it cannot fit
+
+
+def test_the_prompt_cache_is_as_large_as_the_slots_within_the_cap(facts):
+    assert llama_server.prompt_cache_bytes(facts, 2048, 4) == 4 * 2048 * facts.kv_bytes_per_token
+    assert llama_server.prompt_cache_bytes(facts, 1 << 20, 16) == 8192 << 20
+
+
+def config(**values: str) -> Config:
+    base = dict(MODEL_ALIAS="m", PORT="8000", N_CTX="2048", PARALLEL="4", N_THREADS="2", N_THREADS_BATCH="2",
+                CHAT_FORMAT="")
+    base.update(values)
+    return Config(base, {}, [])
+
+
+def option(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_n_ctx_is_each_slots_context(facts, tmp_path):
+    args = llama_server.command(config(), tmp_path / "m.gguf", facts)
+    assert (option(args, "--ctx-size"), option(args, "--parallel")) == ("8192", "4")
+    assert "--no-kv-unified" in args and option(args, "--fit") == "off"
+    assert option(args, "--cache-ram") == str(4 * 2048 * facts.kv_bytes_per_token >> 20)
+
+
+def test_the_ggufs_template_or_a_built_in_one(facts, tmp_path):
+    assert "--jinja" in llama_server.command(config(), tmp_path / "m.gguf", facts)
+    args = llama_server.command(config(CHAT_FORMAT="llama-3"), tmp_path / "m.gguf", facts)
+    assert args.index("--no-jinja") < args.index("--chat-template") and option(args, "--chat-template") == "llama3"
+    with pytest.raises(UserError, match="CHAT_FORMAT='saiga' has no equivalent in llama-server"):
+        llama_server.command(config(CHAT_FORMAT="saiga"), tmp_path / "m.gguf", facts)
+
+
+def test_api_key_and_embedding_become_its_options(facts, tmp_path):
+    args = llama_server.command(config(API_KEY="sk-1", EMBEDDING="true"), tmp_path / "m.gguf", facts)
+    assert option(args, "--api-key") == "sk-1" and "--embeddings" in args
+    args = llama_server.command(config(EMBEDDING="false"), tmp_path / "m.gguf", facts)
+    assert "--api-key" not in args and "--embeddings" not in args
+
+
+def test_its_variables_come_from_its_own_help():
+    names = llama_server.documented_variables()
+    assert {"LLAMA_ARG_BATCH", "LLAMA_ARG_FLASH_ATTN", "LLAMA_ARG_CTX_SIZE"} <= names and len(names) > 100
+    assert set(llama_server.OWN_VARIABLES) <= names  # each refused name is a real one
