@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -140,13 +141,17 @@ def command(config, model_path: Path, model: ModelFacts) -> list[str]:
 
 
 def answers_in_flight(port: str, api_key: str) -> bool:
-    """Whether any slot is still answering (the drain before a stop); False when the
-    server cannot tell, so a stop is never held up by a server that stopped answering."""
+    """Whether any slot is still answering (the drain before a stop). A slow reply counts as
+    busy (a loaded CPU; the drain has its own deadline); no server or no answer as not."""
     request = urllib.request.Request(f"http://127.0.0.1:{port}/slots",
                                      headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=1) as reply:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=2) as reply:
             return any(slot.get("is_processing") for slot in json.load(reply))
+    except TimeoutError:
+        return True
+    except urllib.error.URLError as exc:
+        return isinstance(exc.reason, TimeoutError)
     except (OSError, ValueError):
         return False
 

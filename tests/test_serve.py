@@ -147,7 +147,7 @@ def test_run_time_environment_overrides_model_env(start_server):
                                   "llama-server": "error: LLAMA_ARG_BATHC is not a variable of llama-server"}),
     ({"LLAMA_ARG_CTX_SIZE": "4096"}, {"localllm": "error: LLAMA_ARG_CTX_SIZE is a setting of llama-server",
                                       "llama-server": "error: LLAMA_ARG_CTX_SIZE is set by the image from its "
-                                                      "own settings: set N_CTX instead"}),
+                                                      "own settings: set N_CTX"}),
     ({"CHAT_FORMAT": "saiga"}, {"localllm": None, "llama-server": "error: CHAT_FORMAT='saiga' has no equivalent "
                                                                   "in llama-server"}),
 ])

@@ -84,7 +84,7 @@ def test_sigterm_during_a_stream_stops_cleanly(start_server, report, max_tokens)
     assert entrypoint.leftovers() == []
     assert zombies(tree) == []
     if max_tokens == SHORT:
-        assert ending and ending[0].startswith("ended, finish_reason "), ending
+        assert ending and ending[0].startswith("ended, finish_reason "), (ending, entrypoint.output())
     else:
         assert ending and ending[0].startswith("cut"), ending
     report(f"stop during a stream of {max_tokens} tokens", f"exit 0 after {took:.1f} s; new connections refused "
