@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALIAS, ROOT, free_port
+from conftest import ALIAS, LOG_LINES, ROOT, free_port
 from nodeapi_standin import NodeApiStandin
 
 
@@ -114,9 +114,9 @@ def test_node_api_503_is_the_not_ready_line():
     assert "HTTP 503 Service Unavailable: not ready: the model is still loading" in line
 
 
-def test_api_key_of_the_server(start_server):
+def test_api_key_of_the_server(start_server, engine):
     entrypoint = start_server(API_KEY="sk-test-key")
-    entrypoint.wait_for_line("Running ", timeout=120)
+    entrypoint.wait_for_line(LOG_LINES[engine]["running"], timeout=120)
     assert check(entrypoint.url, "--api-key", "sk-test-key").returncode == 0
     assert "HTTP 401" in one_error_line(check(entrypoint.url))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from localllm_container import settings
+from localllm_container import resources, settings
 from localllm_container.errors import UserError
 from localllm_container.settings import load_config
 from conftest import ROOT, clean_environ, run_entrypoint, write_model_env
@@ -165,3 +165,21 @@ def test_a_setting_the_engine_does_not_take_is_an_error(tmp_path, chosen, given,
         with pytest.raises(UserError) as caught:
             load_config({} if in_file else given, env_file)
         assert str(caught.value).startswith(message), caught.value
+
+
+def test_config_shows_the_engine_and_llama_servers_command(tmp_path, pulled_home):
+    """With the model pulled, `config` resolves everything llama-server will be given."""
+    env_file = write_model_env(tmp_path / "model.env", MODEL="test-org/gemma-3-270m-GGUF", ENGINE="llama-server",
+                               N_CTX="1024", LLAMA_ARG_BATCH="256")
+    done = run_entrypoint("config", env=clean_environ(MODEL_ENV_FILE=str(env_file), HF_HOME=str(pulled_home),
+                                                      HF_HUB_OFFLINE="1", N_THREADS="2"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "ENGINE=llama-server  # model.env" in lines
+    cpus = resources.available_cpus()[0]
+    slots = max(4, min(16, cpus))  # the rule; memory is plenty for the test model
+    assert f"PARALLEL={slots}  # automatic: {cpus} CPUs, within 4..16" in lines
+    assert "LLAMA_ARG_BATCH=256  # model.env, passed on" in lines
+    command = next(line for line in lines if line.startswith("# llama-server's command: "))
+    assert "/llama-server --model " in command and "gemma-3-270m-Q4_K_M.gguf" in command
+    assert f" --ctx-size {1024 * slots} --parallel {slots} " in command and " --threads 2 " in command
