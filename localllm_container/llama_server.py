@@ -40,9 +40,15 @@ OWN_VARIABLES = {"LLAMA_ARG_MODEL": "set MODEL and MODEL_FILE", "LLAMA_ARG_CTX_S
                  "LLAMA_ARG_FIT": "leave it: N_CTX and PARALLEL are sized to fit memory before the start",
                  "LLAMA_ARG_OFFLINE": "leave it: the engine never downloads",
                  "LLAMA_ARG_ENDPOINT_METRICS": "leave it: /metrics is always on",
-                 "LLAMA_ARG_UI": "leave it: the web UI is not in the image"}
-# llama-cpp-python settings both engines take: each becomes this llama-server option.
-SHARED_SETTINGS = {"API_KEY": "--api-key", "EMBEDDING": "--embeddings"}
+                 "LLAMA_ARG_UI": "leave it: the web UI is not in the image",
+                 "LLAMA_API_KEY": "set API_KEY", "LLAMA_ARG_API_KEY_FILE": "set API_KEY",
+                 "LLAMA_ARG_API_PREFIX": "leave it: /health, /v1 and the probes are at the root",
+                 "LLAMA_ARG_ENDPOINT_SLOTS": "leave it: a stop waits for answers in flight through /slots",
+                 "LLAMA_ARG_SSL_KEY_FILE": "leave it: the container speaks HTTP (node-api and the ingress add TLS)",
+                 "LLAMA_ARG_SSL_CERT_FILE": "leave it: the container speaks HTTP (node-api and the ingress add TLS)"}
+API_KEY_VARIABLE = "LLAMA_API_KEY"  # llama-server reads its key here too (not a LLAMA_ARG_* name)
+# llama-cpp-python settings both engines take: API_KEY becomes LLAMA_API_KEY, EMBEDDING --embeddings.
+SHARED_SETTINGS = ("API_KEY", "EMBEDDING")
 # Slots from the CPUs: one per CPU, at least MIN (a few users never wait in line even on
 # 2 CPUs) and at most MAX (beyond, each answer gets too small a share of the CPUs).
 MIN_SLOTS, MAX_SLOTS = 4, 16
@@ -61,14 +67,18 @@ def binary() -> str:
 def library_path(cpu_level: str, levels_dir: str | None) -> str:
     """llama.cpp's libraries for llama-server: the image's CPU level folder, the same
     one the localllm engine loads, else llama-cpp-python's own (same sources, same sonames)."""
-    if levels_dir and (Path(levels_dir) / cpu_level).is_dir():
+    if cpu_level and levels_dir and (Path(levels_dir) / cpu_level).is_dir():
         return str(Path(levels_dir) / cpu_level)
     spec = importlib.util.find_spec("llama_cpp")
     return str(Path(next(iter(spec.submodule_search_locations))) / "lib")
 
 
-def environment(environ: dict[str, str], cpu_level: str) -> dict[str, str]:
+def environment(environ: dict[str, str], cpu_level: str, api_key: str = "") -> dict[str, str]:
+    """llama-server's environment: the libraries of `cpu_level` (empty: llama-cpp-python's
+    own), and the API key, which on its command line anyone could read with `ps`."""
     env = dict(environ)
+    if api_key:
+        env[API_KEY_VARIABLE] = api_key
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [library_path(cpu_level, environ.get("CPU_LEVELS_DIR")),
                                                            environ.get("LD_LIBRARY_PATH")]))
     return env
@@ -77,16 +87,22 @@ def environment(environ: dict[str, str], cpu_level: str) -> dict[str, str]:
 @functools.cache
 def documented_variables() -> frozenset[str]:
     """The LLAMA_ARG_* names this llama-server reads, from its own --help."""
-    help_text = subprocess.run([binary(), "--help"], env=environment(dict(os.environ), ""), capture_output=True,
-                               text=True, timeout=60).stdout
-    return frozenset(re.findall(r"\(env: (LLAMA_ARG_[A-Z0-9_]+)\)", help_text))
+    quiet = {name: value for name, value in os.environ.items() if not name.startswith("LLAMA_")}  # a bad value
+    done = subprocess.run([binary(), "--help"], env=environment(quiet, ""), capture_output=True, text=True,
+                          timeout=60)
+    names = frozenset(re.findall(r"\(env: (LLAMA_ARG_[A-Z0-9_]+)\)", done.stdout))
+    if not names:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"ENGINE=llama-server: `llama-server --help` failed (status {done.returncode}: {last}): "
+                        "this installation's llama-server is broken; rebuild the image, or set ENGINE=localllm")
+    return names
 
 
 def check_variable(name: str) -> None:
     """Refuse a LLAMA_ARG_* name llama-server does not read, or one the image sets."""
     if name in OWN_VARIABLES:
         raise UserError(f"{name} is set by the image from its own settings: {OWN_VARIABLES[name]}")
-    if name not in documented_variables():
+    if name.startswith("LLAMA_ARG_") and name not in documented_variables():
         raise UserError(f"{name} is not a variable of llama-server: check its spelling against "
                         "`llama-server --help` (the names after env:) or docs/en/configuration.md")
 
@@ -131,13 +147,9 @@ def command(config, model_path: Path, model: ModelFacts) -> list[str]:
         args += ["--no-jinja", "--chat-template", chat_template(config["CHAT_FORMAT"])]
     else:
         args += ["--jinja"]  # the GGUF's own template, with tools
-    for name, option in SHARED_SETTINGS.items():
-        value = config.values.get(name, "")
-        if name == "API_KEY" and value:
-            args += [option, value]
-        elif name == "EMBEDDING" and value.lower() in ("true", "1", "yes"):
-            args += [option]
-    return args
+    if config.values.get("EMBEDDING", "").lower() in ("true", "1", "yes"):
+        args += ["--embeddings"]
+    return args  # API_KEY goes through the environment
 
 
 def answers_in_flight(port: str, api_key: str) -> bool:

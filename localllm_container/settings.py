@@ -126,11 +126,13 @@ def load_config(environ: dict[str, str], env_file: Path) -> Config:
         raise UserError(f"ENGINE={engine!r} is not valid: expected {' or '.join(ENGINES)}")
     fields = server_settings()
     for name in file_values:
-        if name not in SETTINGS and name not in fields and not name.startswith(("HF_", "LLAMA_ARG_")):
+        if name not in SETTINGS and name not in fields and not name.startswith(("HF_", "LLAMA_")):
             raise UserError(f"{name} in {env_file.name} is not a setting of this image, of llama-cpp-python's "
                             "server, of llama-server (LLAMA_ARG_*) or of the Hugging Face hub (HF_*): "
                             "check its spelling")
-    given_names = set(from_file) | {name for name in from_env if name in fields or name.startswith("LLAMA_ARG_")}
+    own = llama_server.OWN_VARIABLES if engine == "llama-server" else {}  # LLAMA_API_KEY is not LLAMA_ARG_*
+    given_names = set(from_file) | {name for name in from_env
+                                     if name in fields or name in own or name.startswith("LLAMA_ARG_")}
     defaults = SERVER_DEFAULTS if engine == "localllm" else {}
     extra = sorted((given_names | set(defaults)) - set(SETTINGS))
     for name in extra:
@@ -145,11 +147,11 @@ def check_engine_takes(engine: str, name: str) -> None:
     """A pass-through setting the chosen engine would not read is an error, never dropped."""
     if name.startswith("HF_"):
         return
-    if engine == "localllm" and name.startswith("LLAMA_ARG_"):
+    if engine == "localllm" and name.startswith("LLAMA_"):
         raise UserError(f"{name} is a setting of llama-server, which ENGINE=localllm does not run: "
                         "set ENGINE=llama-server, or use llama-cpp-python's setting of the same meaning "
                         "(docs/en/configuration.md)")
-    if engine == "llama-server" and not name.startswith("LLAMA_ARG_"):
+    if engine == "llama-server" and not name.startswith("LLAMA_"):
         if name not in llama_server.SHARED_SETTINGS:
             raise UserError(f"{name} is a setting of llama-cpp-python's server, which ENGINE=llama-server does "
                             "not run: use llama-server's variable of the same meaning (LLAMA_ARG_*, "

@@ -203,7 +203,8 @@ def stop_before_serving(signum, _frame) -> None:
 def server_env(config: Config, environ: dict[str, str]) -> dict[str, str]:
     """The server's environment: the effective settings on top of ours (pydantic reads them)."""
     if config["ENGINE"] == "llama-server":
-        return llama_server.environment(environ, config["CPU_LEVEL"])  # settings are on its command line
+        # its settings are on its command line, but for the key
+        return llama_server.environment(environ, config["CPU_LEVEL"], config.values.get("API_KEY", ""))
     env = dict(environ)
     for name in ("N_CTX", "N_THREADS", "N_THREADS_BATCH", "MODEL_ALIAS", "CHAT_FORMAT"):
         if config[name]:

@@ -61,14 +61,33 @@ def test_the_ggufs_template_or_a_built_in_one(facts, tmp_path):
         llama_server.command(config(CHAT_FORMAT="saiga"), tmp_path / "m.gguf", facts)
 
 
-def test_api_key_and_embedding_become_its_options(facts, tmp_path):
+def test_embedding_is_an_option_and_the_api_key_is_not_on_the_command_line(facts, tmp_path):
+    """`ps` shows a command line to anyone in the container: the key goes in the environment."""
     args = llama_server.command(config(API_KEY="sk-1", EMBEDDING="true"), tmp_path / "m.gguf", facts)
-    assert option(args, "--api-key") == "sk-1" and "--embeddings" in args
-    args = llama_server.command(config(EMBEDDING="false"), tmp_path / "m.gguf", facts)
-    assert "--api-key" not in args and "--embeddings" not in args
+    assert "--embeddings" in args and not any("sk-1" in arg for arg in args)
+    assert llama_server.environment({}, "", "sk-1")["LLAMA_API_KEY"] == "sk-1"
+    assert "--embeddings" not in llama_server.command(config(EMBEDDING="false"), tmp_path / "m.gguf", facts)
+
+
+def test_the_libraries_are_the_cpu_levels_or_llama_cpp_pythons(tmp_path):
+    (tmp_path / "avx512").mkdir()
+    assert llama_server.library_path("avx512", str(tmp_path)) == str(tmp_path / "avx512")
+    for level in ("", "avx2"):  # no level asked, or a level this installation lacks
+        assert llama_server.library_path(level, str(tmp_path)).endswith("llama_cpp/lib")
 
 
 def test_its_variables_come_from_its_own_help():
     names = llama_server.documented_variables()
     assert {"LLAMA_ARG_BATCH", "LLAMA_ARG_FLASH_ATTN", "LLAMA_ARG_CTX_SIZE"} <= names and len(names) > 100
-    assert set(llama_server.OWN_VARIABLES) <= names  # each refused name is a real one
+    own = {name for name in llama_server.OWN_VARIABLES if name.startswith("LLAMA_ARG_")}
+    assert own <= names  # each refused name is a real one
+
+
+def test_a_bad_value_of_a_variable_does_not_hide_the_names(monkeypatch):
+    """llama-server --help fails on LLAMA_ARG_BATCH=abc; the names are read without the user's values."""
+    monkeypatch.setenv("LLAMA_ARG_BATCH", "abc")
+    llama_server.documented_variables.cache_clear()
+    try:
+        assert "LLAMA_ARG_BATCH" in llama_server.documented_variables()
+    finally:
+        llama_server.documented_variables.cache_clear()
