@@ -33,7 +33,7 @@ from pathlib import Path
 
 from localllm_container import cpu, model as gguf, resources
 from localllm_container.server.log import READY_LINE
-from testkit.environment import ENTRYPOINT, ROOT, clean_environ, free_port
+from testkit.environment import ENTRYPOINT, ROOT, clean_environ, free_port, write_model_env
 from testkit.hub_standin import HubStandin
 from testkit.server import ServerProcess
 
@@ -48,35 +48,34 @@ READY_DEADLINE = 180  # seconds; a request may take 300 (ServerProcess)
 COMMAND = "~/.cache/localllm-tests/venv/bin/python -m bench.performance"
 
 
-def model_env() -> Path:
-    path = CACHE / "model.env"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"MODEL={REPO}\nMODEL_QUANT=Q4_K_M\nN_CTX={N_CTX}\n")
-    return path
-
-
-def server_environ(**extra: str) -> dict[str, str]:
+def server_environ(place: Path = CACHE, **extra: str) -> dict[str, str]:
     """A clean environment (no setting that would change what is measured), plus the
-    bench's hub cache, level folders and model.env."""
-    return clean_environ(**{"HF_HOME": str(CACHE / "hf-home"), "HF_HUB_OFFLINE": "1",
-                            "MODEL_ENV_FILE": str(model_env()), "CPU_LEVELS_DIR": str(CACHE / "levels"), **extra})
+    hub cache and model.env of the model served from `place`, and the bench's level folders."""
+    return clean_environ(**{"HF_HOME": str(place / "hf-home"), "HF_HUB_OFFLINE": "1",
+                            "MODEL_ENV_FILE": str(place / "model.env"), "CPU_LEVELS_DIR": str(CACHE / "levels"),
+                            **extra})
 
 
-def pull_model(model_path: Path) -> None:
-    """A hub cache filled by the entrypoint's real `pull`, from testkit's hub stand-in (as the tests)."""
-    if (CACHE / "hf-home" / "localllm-model.json").exists():
+def pull_model(model_path: Path, repo: str = REPO, file: str = FILE, place: Path = CACHE,
+               **model_env: str) -> None:
+    """`place` gets a model.env (`model_env`, else this benchmark's) and a hub cache filled by
+    the entrypoint's real `pull`, from testkit's hub stand-in serving `model_path` as `repo`/`file` (as the tests)."""
+    place.mkdir(parents=True, exist_ok=True)
+    write_model_env(place / "model.env", **(model_env or {"MODEL": REPO, "MODEL_QUANT": "Q4_K_M",
+                                                          "N_CTX": str(N_CTX)}))
+    if (place / "hf-home" / "localllm-model.json").exists():
         return
-    with HubStandin({REPO: {FILE: model_path}}) as hub:
-        run_step("pull", [sys.executable, ENTRYPOINT, "pull"], 900,
-                 env=server_environ(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0"))
+    with HubStandin({repo: {file: model_path}}) as hub:
+        run_step(f"pull-{place.name}", [sys.executable, ENTRYPOINT, "pull"], 900,
+                 env=server_environ(place, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0"))
 
 
 # ----------------------------------------------------------------- servers ---
 
-def start_server(name: str, settings: dict[str, str]) -> ServerProcess:
-    """`entrypoint.py serve` with these settings, on a port of its own."""
+def start_server(name: str, settings: dict[str, str], place: Path = CACHE) -> ServerProcess:
+    """`entrypoint.py serve` with these settings, on a port of its own, for the model of `place`."""
     port = free_port()
-    return ServerProcess.entrypoint(server_environ(PORT=str(port), **settings), port, name=name)
+    return ServerProcess.entrypoint(server_environ(place, PORT=str(port), **settings), port, name=name)
 
 
 # --------------------------------------------------------------- requests ---
@@ -313,7 +312,8 @@ def main() -> None:
         from . import performance_docs
         for lang in ("en", "ru"):
             path = ROOT / "docs" / lang / "performance.md"
-            path.write_text(performance_docs.render(result, rows(result), lang))
+            page = performance_docs.render(result, rows(result), lang)
+            path.write_text(performance_docs.merge_page(path.read_text() if path.exists() else "", page))
             log(f"wrote {path}")
 
 

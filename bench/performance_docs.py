@@ -198,3 +198,31 @@ def render(result: dict, rows: list, lang: str) -> str:
              "\n".join(f"- {item}" for item in text["meaning_items"]), f"## {text['method']}",
              text["method_text"]]
     return "\n\n".join(parts) + "\n"
+
+
+def split_sections(page: str) -> tuple[str, list[tuple[str, str]]]:
+    """A page split at its level-2 headings (outside code blocks): the text before the
+    first, and (heading line, whole section) for each."""
+    head, found, fenced = "", [], False
+    for line in page.splitlines(keepends=True):
+        fenced ^= line.startswith("```")
+        if line.startswith("## ") and not fenced:
+            found.append([line.strip(), line])
+        elif found:
+            found[-1][1] += line
+        else:
+            head += line
+    return head, [(heading, text) for heading, text in found]
+
+
+def merge_page(old: str, new: str) -> str:
+    """The page `old` with what a benchmark wrote (`new`): its sections in place of those
+    with the same heading, its other sections at the end, and its top (title, intro) when
+    it has one. Each benchmark writes its own sections and keeps the others' (a section
+    no benchmark writes any more stays until deleted by hand)."""
+    old_head, old_sections = split_sections(old)
+    new_head, new_sections = split_sections(new)
+    fresh = dict(new_sections)
+    parts = [new_head if new_head.strip() else old_head,
+             *(fresh.pop(heading, text) for heading, text in old_sections), *fresh.values()]
+    return "\n\n".join(part.strip("\n") for part in parts if part.strip()) + "\n"

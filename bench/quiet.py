@@ -38,14 +38,14 @@ def others_share(pids, measure):
 waited = 0.0  # seconds spent waiting for quiet CPUs in this run
 
 
-def undisturbed(measure, pids=lambda: []) -> dict[str, float]:
+def undisturbed(measure, pids=lambda: [], tries: int = TRIES) -> dict[str, float]:
     """Measure while other jobs leave the CPUs alone: wait until they use at most QUIET
-    of them (QUIET_DEADLINE at most), measure, and measure again (TRIES in all) when they
+    of them (QUIET_DEADLINE at most), measure, and measure again (`tries` in all) when they
     used more meanwhile. The least disturbed try is kept, with that share as `others`.
     Once QUIET_BUDGET is spent, measure once, as things are."""
     global waited
     best: dict[str, float] | None = None
-    for _ in range(TRIES):
+    for _ in range(tries):
         started = time.monotonic()
         deadline = started + min(QUIET_DEADLINE, max(0.0, QUIET_BUDGET - waited))
         while time.monotonic() < deadline and others_share(lambda: [], lambda: time.sleep(1))[1] > QUIET:
@@ -54,7 +54,7 @@ def undisturbed(measure, pids=lambda: []) -> dict[str, float]:
         figures, others = others_share(pids, measure)
         if best is None or others < best["others"]:
             best = {**figures, "others": others}
-        if others <= QUIET or waited >= QUIET_BUDGET:
+        if others <= QUIET or waited >= QUIET_BUDGET or tries == 1:
             break
         log(f"other jobs used {others:.0%} of the CPUs during a measurement: measuring again")
     return best
