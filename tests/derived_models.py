@@ -28,7 +28,8 @@ GEMMA_TEMPLATE = (
 )
 # The same turns, with tools shown to the model and tool calls written the Hermes / Qwen way
 # (<tool_call>{"name": ..., "arguments": ...}</tool_call>, results in <tool_response>), as
-# tool-calling instruct GGUFs carry (written for these tests).
+# tool-calling instruct GGUFs carry (written for these tests); a call's arguments are written as
+# given, a string as OpenAI sends them or an object as llama.cpp's template analysis does.
 TOOLS_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- if tools -%}"
@@ -43,8 +44,9 @@ TOOLS_TEMPLATE = (
     "{%- elif message['role'] == 'assistant' and message.get('tool_calls') -%}"
     "{{- '<start_of_turn>model\n' -}}"
     "{%- for call in message['tool_calls'] -%}"
-    "{{- '<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": '"
-    " + call['function']['arguments'] + '}\n</tool_call>' -}}"
+    "{{- '<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' -}}"
+    "{%- set arguments = call['function']['arguments'] -%}"
+    "{{- arguments if arguments is string else arguments | tojson -}}{{- '}\n</tool_call>' -}}"
     "{%- endfor -%}"
     "{{- '<end_of_turn>\n' -}}"
     "{%- else -%}"
