@@ -1,6 +1,7 @@
 """The OpenAI compatibility matrix: one row per request today's clients send, what OpenAI
 documents for it, and what each engine answered in the last run of
-tests/test_openai_compat.py (which records every row it checks).
+tests/test_openai_compat.py (which records every row it checks, per engine: "works", the
+error the server answered, or a 200 that differs from OpenAI's, described in NOTES).
 
 The tables in docs/en/compatibility.md and docs/ru/compatibility.md are made from that
 record, never by hand: after a run, `python tests/compat_matrix.py` rewrites them, and
@@ -16,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = {"en": ROOT / "docs/en/compatibility.md", "ru": ROOT / "docs/ru/compatibility.md"}
 BEGIN, END = "<!-- matrix: made by tests/compat_matrix.py from the test run -->", "<!-- end of matrix -->"
-ENGINES = ("localllm",)
+ENGINES = ("localllm", "llama-server")
 
 # id: ((request, what OpenAI documents) in English, the same in Russian)
 ROWS: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
@@ -130,6 +131,66 @@ ROWS: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
         ("клиент уходит посреди ответа (с потоком и без)", "(сервер прекращает генерацию)")),
 }
 WORKS = {"en": "works", "ru": "работает"}
+# A 200 that is not quite what OpenAI documents: what it is (English, Russian).
+NOTES: dict[str, tuple[str, str]] = {
+    "max_completion_tokens_read": (
+        "200: both taken, `max_completion_tokens` is used",
+        "200: принимаются оба, действует `max_completion_tokens`"),
+    "json_whitespace": (
+        "works; its grammar allows whitespace between the JSON's tokens, which a small model may fill up "
+        "to the token limit (the test model, asked without an example answer, does)",
+        "работает; грамматика разрешает пробелы между токенами JSON, и маленькая модель может заполнять их "
+        "до лимита токенов (тестовая модель без примера ответа так и делает)"),
+    "ignored_text": (
+        "200: ignored, the answer is text",
+        "200: поле не учитывается, ответ текстом"),
+    "n_usage_per_choice": (
+        "works, up to `PARALLEL` choices (more: 400); `usage` counts the first choice only, and a stream "
+        "sends a usage chunk per choice",
+        "работает, не больше `PARALLEL` вариантов (больше: 400); `usage` считает только первый вариант, "
+        "а поток присылает чанк с usage для каждого варианта"),
+    "logprobs_always": (
+        "works: llama-server has no `LOGITS_ALL` and always gives log probabilities",
+        "работает: у llama-server нет `LOGITS_ALL`, логарифмы вероятностей есть всегда"),
+    "logits_all_refused": (
+        "`LOGITS_ALL` (a setting of llama-cpp-python's server) stops the start with a one-line error; "
+        "log probabilities need no setting",
+        "`LOGITS_ALL` (настройка сервера llama-cpp-python) останавливает запуск с ошибкой в одну строку; "
+        "логарифмам вероятностей настройка не нужна"),
+    "tool_named_read_as_auto": (
+        "200, read as `\"auto\"`: llama-server takes `tool_choice` as a string only (`none`, `auto`, "
+        "`required`) and logs `Wrong type supplied for parameter 'tool_choice'`",
+        "200, читается как `\"auto\"`: llama-server понимает `tool_choice` только строкой (`none`, `auto`, "
+        "`required`) и пишет в лог `Wrong type supplied for parameter 'tool_choice'`"),
+    "tool_required_text_first": (
+        "a call, once the model starts one: the grammar lets text come first, so a model that does not "
+        "start a call runs to the token limit without one",
+        "вызов, когда модель его начинает: грамматика разрешает сначала текст, и модель, которая не "
+        "начинает вызов, доходит до лимита токенов без него"),
+    "tool_auto_template_form": (
+        "works for calls written as the GGUF's template writes them (`<tool_call>` here); Llama 3's JSON "
+        "and Mistral's `[TOOL_CALLS]` stay text",
+        "работает для вызовов в той форме, в какой их пишет шаблон GGUF (здесь `<tool_call>`); JSON "
+        "Llama 3 и `[TOOL_CALLS]` Mistral остаются текстом"),
+    "tools_ignored": (
+        "200, tools ignored: the prompt is the one without tools, and no call is read",
+        "200, инструменты не учитываются: промпт тот же, что без них, вызовы не читаются"),
+    "finish_after_a_call": (
+        "`length`, `stop`; after a call, `tool_calls` only if the model ends its turn there: the grammar "
+        "lets it write more calls (`parallel_tool_calls: false` too), and the test model does, up to "
+        "`length`, the complete call read",
+        "`length`, `stop`; после вызова `tool_calls`, только если модель на нём заканчивает ход: грамматика "
+        "разрешает новые вызовы (и при `parallel_tool_calls: false`), и тестовая модель их пишет до "
+        "`length`, полный вызов прочитан"),
+    "completions_field_ignored": (
+        "200: ignored, the completion of the prompt alone",
+        "200: поле не учитывается, продолжение одного промпта"),
+    "langchain_tools_as_written": (
+        "a call when the model writes one, as `tool_choice=\"auto\"` (a named tool or `\"any\"` does not "
+        "force it at once); none with a template that does not show tools",
+        "вызов, когда модель его пишет, как при `tool_choice=\"auto\"` (имя инструмента или `\"any\"` не "
+        "заставляют вызвать сразу); с шаблоном без инструментов вызовов нет"),
+}
 
 
 def results_path() -> Path:
@@ -139,8 +200,9 @@ def results_path() -> Path:
 
 def outcome(result: dict, language: str) -> str:
     if result["status"] == 200:
-        return WORKS[language]
-    return f"{result['status']} `{result['param']}`: {result['message']}"
+        return NOTES[result["note"]][language == "ru"] if "note" in result else WORKS[language]
+    param = f" `{result['param']}`" if result.get("param") else ""
+    return f"{result['status']}{param}: {result['message']}"
 
 
 def table(results: dict[str, dict[str, dict]], language: str) -> str:
