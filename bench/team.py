@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -61,8 +62,7 @@ TARGETS = {"ttft_ratio": 0.25, "tokens_per_s_ratio": 1.0, "turn3_over_turn2": 1.
 
 @dataclass(frozen=True)
 class Model:
-    key: str  # folder and JSON key
-    label: str  # in the tables
+    key: str  # folder, JSON key, and the model's name in the tables (team_docs)
     repo: str
     file: str
     path: Path
@@ -76,9 +76,8 @@ def models(keys: list[str]) -> list[Model]:
 
     base = Path(assemble())
     made = {
-        "base": lambda: Model("base", "Gemma 3 270M base, CHAT_FORMAT=gemma", REPO, FILE, base, "gemma"),
-        "template": lambda: Model("template", "Gemma 3 270M with its own chat template (GGUF)",
-                                  "test-org/gemma-3-270m-it-GGUF", "gemma-3-270m-it-Q4_K_M.gguf",
+        "base": lambda: Model("base", REPO, FILE, base, "gemma"),
+        "template": lambda: Model("template", "test-org/gemma-3-270m-it-GGUF", "gemma-3-270m-it-Q4_K_M.gguf",
                                   DerivedModels(base, CACHE / "derived-models").with_template(), ""),
     }
     return [made[key]() for key in keys]
@@ -254,6 +253,8 @@ def team_figures(answers: list[Answer], wall: float, args) -> dict:
         figures[f"ttft_turn{turn + 1}_s"] = statistics.mean([a.ttft for a in of_turn if a.ttft is not None] or [0])
         figures[f"prompt_tokens_turn{turn + 1}"] = statistics.mean(
             [a.prompt_tokens for a in of_turn if a.prompt_tokens] or [0])
+    if args.turns >= 3:  # a conversation's prompt reused: the 3rd question about as fast as the 2nd
+        figures["turn3_over_turn2"] = figures["ttft_turn3_s"] / figures["ttft_turn2_s"]
     figures["errors"] = [f"user {a.user} question {a.turn + 1}: "
                          + (a.error or f"finish_reason={a.finish}, {a.tokens} tokens")
                          for a in answers if a.error or a in truncated]
@@ -307,45 +308,49 @@ def serve(model: Model, engine: str, args) -> ServerProcess:
     return server
 
 
-def one_server(model: Model, engine: str, args, ban: list[int], single: bool) -> tuple[dict, dict | None, str]:
-    """Start, warm up, measure one user alone (when `single`) then the team, stop.
-    (team figures, single-stream figures, the entrypoint's `Serving ...` line)"""
+@contextlib.contextmanager
+def served(model: Model, engine: str, args):
+    """A server of this engine for this model, started and warmed up: (server, its model id); stopped after."""
     server = serve(model, engine, args)
     try:
         with OPENER.open(server.url + "/v1/models", timeout=30) as reply:
-            alias = json.load(reply)["data"][0]["id"]
-        serving = server.wait_for_line("Serving ")
-        alone = undisturbed(lambda: SINGLE[engine](server, alias, ban), server.leftovers) if single else None
-        figures = undisturbed(lambda: team_figures(*asyncio.run(team(server.url, alias, args, ban)), args),
-                              server.leftovers, tries=1)
+            yield server, json.load(reply)["data"][0]["id"]
     finally:
         server.close()
-    return figures, alone, serving
 
 
 def measure(args, chosen: list[Model], threads: int, bench: Path) -> dict:
-    """Every repetition: for each model, localllm then llama-server (the first model also
-    measured alone on each), then llama-bench."""
+    """Every repetition: one user alone on the first model with localllm, llama-bench, one user
+    with llama-server (each engine next to the llama-bench run it is compared with); then the
+    team on each model, localllm then llama-server."""
     bans = {m.key: banned_ids(m.path) for m in chosen}
     team_runs: dict = {m.key: {e: [] for e in ENGINES} for m in chosen}
-    single_runs: dict = {e: [] for e in (*ENGINES, "llama-bench")}
+    single_runs: dict = {e: [] for e in (*ENGINES, "llama-bench")} if args.single else {}
     serving: dict = {}
+    first = chosen[0]
     for rep in range(args.reps):
+        for name in ("localllm", "llama-bench", "llama-server") if args.single else ():
+            log(f"repetition {rep + 1}/{args.reps}: one user, {name}")
+            if name == "llama-bench":
+                single_runs[name].append(undisturbed(lambda: run_llama_bench(bench, first.path, threads)))
+                continue
+            with served(first, name, args) as (server, alias):
+                single_runs[name].append(undisturbed(lambda: SINGLE[name](server, alias, bans[first.key]),
+                                                     server.leftovers))
         for m in chosen:
             for engine in ENGINES:
-                log(f"repetition {rep + 1}/{args.reps}: {m.key}, {engine} "
+                log(f"repetition {rep + 1}/{args.reps}: team, {m.key}, {engine} "
                     f"(load average {os.getloadavg()[0]:.1f})")
-                figures, alone, serving[f"{m.key} {engine}"] = one_server(
-                    m, engine, args, bans[m.key], single=args.single and m is chosen[0])
+                with served(m, engine, args) as (server, alias):
+                    serving[f"{m.key} {engine}"] = server.wait_for_line("Serving ")
+                    figures = undisturbed(lambda: team_figures(*asyncio.run(team(server.url, alias, args,
+                                                                                 bans[m.key])), args),
+                                          server.leftovers, tries=1)
                 team_runs[m.key][engine].append(figures)
-                if alone:
-                    single_runs[engine].append(alone)
                 log(f"  first token p50 {figures['ttft_p50_s']:.2f} s, {figures['tokens_per_s']:.1f} tokens/s, "
                     f"{figures['failed']} failed, {figures['truncated']} truncated")
                 for error in figures["errors"]:
                     log(f"  {error}")
-        if args.single:
-            single_runs["llama-bench"].append(undisturbed(lambda: run_llama_bench(bench, chosen[0].path, threads)))
     return {"team": team_runs, "single": single_runs, "serving": serving}
 
 
@@ -358,30 +363,37 @@ def median_of(runs: list[dict]) -> dict:
     return out
 
 
-def summarise(samples: dict, turns: int) -> dict:
+def run_ratios(numerators: list[dict], denominators: list[dict], pairs: dict[str, tuple[str, str]]) -> dict:
+    """For each name: the median over the repetitions of numerator[a] / denominator[b], each
+    repetition's runs against each other (they ran next to each other: drift cancels)."""
+    return {name: statistics.median([n[a] / d[b] for n, d in zip(numerators, denominators) if d[b]] or [0])
+            for name, (a, b) in pairs.items()}
+
+
+def summarise(samples: dict) -> dict:
     """Medians per model and engine, the ratios llama-server / localllm and the targets."""
     summary: dict = {"team": {}}
     t = TARGETS
     for key, runs in samples["team"].items():
         local, server = median_of(runs["localllm"]), median_of(runs["llama-server"])
-        ratio = {k: server[k] / local[k] if local[k] else None for k in local if k not in ("failed", "truncated")}
+        ratio = run_ratios(runs["llama-server"], runs["localllm"],
+                           {k: (k, k) for k in local if k not in ("failed", "truncated", "others")})
         met = {"ttft_ratio": ratio["ttft_p50_s"] <= t["ttft_ratio"],
                "tokens_per_s_ratio": ratio["tokens_per_s"] >= t["tokens_per_s_ratio"],
                "no_loss": server["failed"] + server["truncated"] == 0}
-        if turns >= 3:
-            for figures in (local, server):
-                figures["turn3_over_turn2"] = figures["ttft_turn3_s"] / figures["ttft_turn2_s"]
+        if "turn3_over_turn2" in server:
             met["turn3_over_turn2"] = server["turn3_over_turn2"] <= t["turn3_over_turn2"]
         summary["team"][key] = {"localllm": local, "llama-server": server, "ratio": ratio, "met": met}
-    if samples["single"]["llama-bench"]:
-        lb = median_of(samples["single"]["llama-bench"])
-        local, server = (median_of(samples["single"][e]) for e in ENGINES)
-        pp, tg = lb["pp512_fa_auto_tps"], lb["tg128_fa_auto_tps"]
+    single = samples["single"]
+    if single:
+        pp, tg = "pp512_fa_auto_tps", "tg128_fa_auto_tps"
         summary["single"] = {
-            "llama-bench": lb, "localllm": local, "llama-server": server,
-            "ratio": {"own_pp": server["own_pp_tps"] / pp, "own_tg": server["own_tg_tps"] / tg,
-                      "api_pp": server["pp_tps"] / pp, "api_tg": server["tg_tps"] / tg,
-                      "localllm_pp": local["pp_tps"] / pp, "localllm_tg": local["tg_tps"] / tg},
+            "llama-bench": median_of(single["llama-bench"]), **{e: median_of(single[e]) for e in ENGINES},
+            "ratio": {**run_ratios(single["llama-server"], single["llama-bench"],
+                                   {"own_pp": ("own_pp_tps", pp), "own_tg": ("own_tg_tps", tg),
+                                    "api_pp": ("pp_tps", pp), "api_tg": ("tg_tps", tg)}),
+                      **run_ratios(single["localllm"], single["llama-bench"],
+                                   {"localllm_pp": ("pp_tps", pp), "localllm_tg": ("tg_tps", tg)})},
         }
         summary["single"]["met"] = {k: summary["single"]["ratio"][k] >= t["single_ratio"] for k in ("own_pp", "own_tg")}
     return summary
@@ -398,15 +410,14 @@ def run(args) -> dict:
         build_levels(source)
     os.environ["CPU_LEVELS_DIR"] = str(CACHE / "levels")  # what the entrypoint's functions read (as its servers)
     level, level_why = cpu.choose_cpu_level("")
-    threads, threads_why = resources.available_cpus()
-    if args.threads:
-        threads, threads_why = args.threads, f"set; automatic would be {threads} ({threads_why})"
+    auto_threads, threads_why = resources.available_cpus()
+    threads = args.threads or auto_threads
     bench = build_llama_bench(source, level) if args.single else None
     n_ctx = context_size(len(PREAMBLE) // 3 + args.turns * (40 + args.answer_tokens))
     for m in chosen:
         pull_model(m.path, m.repo, m.file, PLACES / m.key, MODEL=m.repo, MODEL_QUANT="Q4_K_M", N_CTX=str(n_ctx),
                    **({"CHAT_FORMAT": m.chat_format} if m.chat_format else {}))
-    log(f"CPU level {level} ({level_why}); {threads} threads ({threads_why}); N_CTX {n_ctx}")
+    log(f"CPU level {level} ({level_why}); {threads} threads (automatic: {auto_threads}, {threads_why}); N_CTX {n_ctx}")
     quiet.QUIET_BUDGET = args.quiet_budget
     load = [os.getloadavg()[0]]
     started = time.monotonic()
@@ -417,11 +428,11 @@ def run(args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([COMMAND, *sys.argv[1:]]), "machine": machine(), "load_average": load,
         "minutes": (time.monotonic() - started) / 60, "llama_cpp_python": llama_cpp.__version__,
-        "threads": {"used": threads, "why": threads_why}, "cpu_level": {"auto": level, "why": level_why},
+        "threads": {"used": threads, "set": bool(args.threads), "auto": auto_threads, "why": threads_why}, "cpu_level": {"auto": level, "why": level_why},
         "n_ctx": n_ctx, "workload": {"users": args.users, "turns": args.turns, "answer_tokens": args.answer_tokens,
                                      "reps": args.reps, "parallel": args.parallel or "automatic",
                                      "nice": os.nice(0)},
-        "models": {m.key: {"label": m.label, "repo": m.repo, "file": m.file, "bytes": m.path.stat().st_size}
+        "models": {m.key: {"repo": m.repo, "file": m.file, "bytes": m.path.stat().st_size}
                    for m in chosen},
         "serving": samples["serving"], "others_median": statistics.median(others),
         "waited_for_quiet_s": quiet.waited, "samples": samples,
@@ -477,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         except PermissionError:
             raise SystemExit(f"--nice {args.nice}: a negative niceness needs root (or CAP_SYS_NICE)") from None
     result = json.loads(args.from_json.read_text()) if args.from_json else run(args)
-    result["summary"] = summarise(result["samples"], result["workload"]["turns"])
+    result["summary"] = summarise(result["samples"])
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     from . import team_docs
     print(team_docs.render_section(result, "en"))

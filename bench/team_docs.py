@@ -4,6 +4,8 @@ run. bench.team prints the English one and writes both with performance_docs.mer
 """
 from __future__ import annotations
 
+import re
+
 from .team import TARGETS
 
 TEXT = {
@@ -13,7 +15,7 @@ TEXT = {
                   "{flags}{missing}), llama-cpp-python {version}; both engines started by `entrypoint.py serve` "
                   "(`ENGINE=localllm`, `ENGINE=llama-server`) on the same model file, with the same threads "
                   "({threads}: {threads_why}) and CPU level `{level}`, N_CTX {n_ctx} per conversation; llama-server with "
-                  "PARALLEL {parallel}: {slots}. {users} users start together; each asks {turns} questions in "
+                  "PARALLEL {parallel} ({slots} slots). {users} users start together; each asks {turns} questions in "
                   "turn, sending the whole conversation (the team's notes, about 600 tokens, opening the first "
                   "question, then the questions and answers so far; {context} tokens at the first question) as a chat UI does, and asks the next "
                   "as soon as the answer is in. Every answer is {answer} tokens (end of generation banned through "
@@ -26,14 +28,17 @@ TEXT = {
                 "disturbed them less",
         "command": "To repeat (llama-server built by `./tests/run`; the models and llama-bench are cached in "
                    "`~/.cache/localllm-bench`):",
-        "model": "{label}",
+        "models": {"base": "Gemma 3 270M base, CHAT_FORMAT=gemma",
+                   "template": "Gemma 3 270M with a chat template of its own (in the GGUF)"},
+        "threads_set": "set; automatic would be {}", "automatic": "automatic",
         "team_header": "| Figure | localllm | llama-server | llama-server / localllm | Target |\n|---|---|---|---|---|",
         "single": "One user alone",
         "single_intro": ("{label}, threads: {threads}, one request at a time on a freshly started server: "
                          "prompt processing of {pp} tokens and generation of {tg} tokens, against llama.cpp's own "
                          "`llama-bench` pp{pp} / tg{tg} (flash attention auto, its default and llama-server's) "
-                         "built from the same llama.cpp sources for the same CPU level. In parentheses: the ratio "
-                         "to llama-bench."),
+                         "built from the same llama.cpp sources for the same CPU level, run between the two engines "
+                         "in each repetition. In parentheses: the ratio to llama-bench (the median of the "
+                         "repetitions' ratios)."),
         "single_header": ("| Figure | llama-bench | llama-server, own timings | llama-server, client | "
                           "localllm, client | Target |\n|---|---|---|---|---|---|"),
         "met": "met", "missed": "missed",
@@ -60,14 +65,18 @@ TEXT = {
         "method": "How it is measured",
         "method_text": (
             "Each model is pulled by the real `entrypoint.py pull` from `testkit`'s hub stand-in into a hub cache "
-            "of its own and served offline. Each repetition starts one server at a time, for each model "
-            "localllm then llama-server, waits until `/v1/models` answers, sends one short unmeasured request, "
-            "measures (one user alone on the first model, then the team) and stops it; then runs llama-bench. "
-            "Each user is an `openai.AsyncOpenAI` client of its own with the openai package's default keep-alive "
-            "connection pool and `max_retries=0`, streaming `chat.completions` with "
-            "`stream_options.include_usage`. Before a measurement the script waits (a bounded time) for other "
-            "jobs to leave the CPUs alone; the share they used meanwhile is kept with each run in the JSON file, "
-            "with every answer's figures."),
+            "of its own and served offline. Each repetition measures one user alone on the first model (a server "
+            "with localllm, then llama-bench, then a server with llama-server), then the team on each model, "
+            "localllm then llama-server. One server runs at a time: started, asked one short unmeasured "
+            "question, measured and stopped. Each user is an `openai.AsyncOpenAI` client of its own with the "
+            "openai package's default keep-alive connection pool and `max_retries=0`, streaming "
+            "`chat.completions` with `stream_options.include_usage`. Each figure is the median of the "
+            "repetitions; each ratio is the median of the repetitions' ratios, each between runs made one after "
+            "the other, so that a machine that gets slower or faster during the run does not move it. On a "
+            "shared machine `--threads` and `--nice` keep other jobs from deciding the result: llama.cpp's "
+            "threads wait for each other at every step of a token, so when other jobs hold the CPUs, two threads "
+            "on two CPUs lose much of their time waiting for each other. The share of the "
+            "CPUs that other jobs used is kept with each run in the JSON file, with every answer's figures."),
         "rows": {
             "ttft_p50": "Median time to first token (s)",
             "ttft_p95": "p95 time to first token (s)",
@@ -89,10 +98,10 @@ TEXT = {
                   "{flags}{missing}), llama-cpp-python {version}; оба движка запущены через `entrypoint.py serve` "
                   "(`ENGINE=localllm`, `ENGINE=llama-server`) на одном файле модели, с одинаковым числом потоков "
                   "({threads}: {threads_why}) и уровнем CPU `{level}`, N_CTX {n_ctx} на разговор; у llama-server "
-                  "PARALLEL {parallel}: {slots}. Пользователи (их {users}) начинают одновременно; каждый задаёт по "
+                  "PARALLEL {parallel} (слотов: {slots}). Пользователи (их {users}) начинают одновременно; каждый задаёт по "
                   "очереди вопросы (всего {turns}) и каждый раз отправляет весь разговор (заметки команды, около 600 "
-                  "токенов, в начале первого вопроса, затем прежние вопросы и ответы; в первом вопросе — {context} "
-                  "токенов), как "
+                  "токенов, в начале первого вопроса, затем прежние вопросы и ответы; в первом вопросе токенов: "
+                  "{context}), как "
                   "делает чат-интерфейс, а следующий вопрос задаёт сразу после ответа. Каждый ответ — {answer} токенов "
                   "(конец генерации запрещён через `logit_bias`, temperature 0), так что оба движка делают одну "
                   "и ту же работу. Медианы по {reps} прогонам на движок и модель, движки чередуются; всего "
@@ -104,14 +113,17 @@ TEXT = {
                 "мешали",
         "command": "Как повторить (llama-server собирает `./tests/run`; модели и llama-bench кешируются в "
                    "`~/.cache/localllm-bench`):",
-        "model": "{label}",
+        "models": {"base": "Gemma 3 270M base, CHAT_FORMAT=gemma",
+                   "template": "Gemma 3 270M со своим шаблоном чата (в GGUF)"},
+        "threads_set": "задано; автоматически было бы {}", "automatic": "автоматически",
         "team_header": "| Показатель | localllm | llama-server | llama-server / localllm | Цель |\n|---|---|---|---|---|",
         "single": "Один пользователь",
         "single_intro": ("{label}, потоков: {threads}, по одному запросу на только что запущенном сервере: "
                          "обработка промпта в {pp} токенов и генерация {tg} токенов против собственного бенчмарка "
                          "llama.cpp `llama-bench` pp{pp} / tg{tg} (flash attention auto — его значение по умолчанию "
                          "и значение llama-server), собранного из тех же исходников llama.cpp для того же уровня "
-                         "CPU. В скобках — отношение к llama-bench."),
+                         "CPU; в каждом повторе он запускается между двумя движками. В скобках — отношение к llama-bench "
+                         "(медиана отношений по повторам)."),
         "single_header": ("| Показатель | llama-bench | llama-server, свои timings | llama-server, клиент | "
                           "localllm, клиент | Цель |\n|---|---|---|---|---|---|"),
         "met": "выполнено", "missed": "не выполнено",
@@ -138,14 +150,18 @@ TEXT = {
         "method": "Как измеряется",
         "method_text": (
             "Каждая модель скачивается настоящим `entrypoint.py pull` с заменителя hub из `testkit` в собственный "
-            "кеш hub и обслуживается без сети. Каждый повтор запускает по одному серверу за раз — для каждой "
-            "модели сначала localllm, затем llama-server, — ждёт ответа `/v1/models`, отправляет один короткий "
-            "неучитываемый запрос, измеряет (одного пользователя на первой модели, затем команду) и "
-            "останавливает сервер; затем запускает llama-bench. Каждый пользователь — собственный клиент "
-            "`openai.AsyncOpenAI` с пулом keep-alive соединений по умолчанию и `max_retries=0`, потоковые "
-            "`chat.completions` с `stream_options.include_usage`. Перед замером скрипт ждёт (ограниченное время), "
-            "пока другие задачи не освободят CPU; доля CPU, занятая ими за время прогона, сохраняется с каждым "
-            "прогоном в файле JSON вместе с цифрами каждого ответа."),
+            "кеш hub и обслуживается без сети. Каждый повтор измеряет одного пользователя на первой модели "
+            "(сервер с localllm, затем llama-bench, затем сервер с llama-server), затем команду на каждой модели: "
+            "сначала localllm, затем llama-server. Одновременно работает один сервер: запускается, получает один "
+            "короткий неучитываемый вопрос, измеряется и останавливается. Каждый пользователь — собственный "
+            "клиент `openai.AsyncOpenAI` с пулом keep-alive соединений пакета openai по умолчанию и "
+            "`max_retries=0`, потоковые `chat.completions` с `stream_options.include_usage`. Каждая цифра — "
+            "медиана по повторам; каждое отношение — медиана отношений по повторам, каждое между прогонами, "
+            "сделанными друг за другом, чтобы машина, которая по ходу прогона становится медленнее или быстрее, "
+            "его не сдвигала. На общей машине `--threads` и `--nice` не дают другим задачам решать исход: потоки "
+            "llama.cpp на каждом шаге токена ждут друг друга, и когда CPU заняты другими задачами, два потока на "
+            "двух CPU теряют много времени на ожидание друг друга. Доля CPU, занятая другими "
+            "задачами, сохраняется с каждым прогоном в файле JSON вместе с цифрами каждого ответа."),
         "rows": {
             "ttft_p50": "Медиана времени до первого токена (с)",
             "ttft_p95": "p95 времени до первого токена (с)",
@@ -220,23 +236,25 @@ def render_section(result: dict, lang: str) -> str:
     from .performance import PP_TOKENS, TG_TOKENS
     text, m, w, s = TEXT[lang], result["machine"], result["workload"], result["summary"]
     first = next(iter(s["team"].values()))
-    slots = result["serving"].get(f"{next(iter(s['team']))} llama-server", "")
+    slots = result["serving"][f"{next(iter(s['team']))} llama-server"]  # the entrypoint's `Serving ...` line
     intro = text["intro"].format(
         date=result["date"][:10], cpu=m["cpu"], cpus=m["cpus"], flags=", ".join(m["flags"]),
         missing=text["missing"].format(", ".join(m["missing_flags"])) if m["missing_flags"] else "",
         version=result["llama_cpp_python"], threads=result["threads"]["used"],
-        threads_why=result["threads"]["why"], level=result["cpu_level"]["auto"], n_ctx=result["n_ctx"],
-        parallel=w["parallel"], slots=next((part for part in slots.split(", ") if "slots" in part), "-"),
+        threads_why=(text["threads_set"].format(result["threads"]["auto"]) if result["threads"]["set"]
+                     else result["threads"]["why"]), level=result["cpu_level"]["auto"], n_ctx=result["n_ctx"],
+        parallel=text["automatic"] if w["parallel"] == "automatic" else w["parallel"],
+        slots=re.search(r"in each of (\d+) slots", slots)[1],
         users=w["users"], turns=w["turns"], context=round(first["llama-server"]["prompt_tokens_turn1"]),
         answer=w["answer_tokens"], reps=w["reps"], minutes=result["minutes"],
         load=", ".join(f"{x:.1f}" for x in result["load_average"]), others=result["others_median"],
         nice=text["nice"].format(w["nice"]) if w.get("nice") else "")
     parts = [f"## {text['title']}", intro, text["command"], f"```sh\n{result['command']}\n```"]
     for key, figures in s["team"].items():
-        parts += [f"### {text['model'].format(label=result['models'][key]['label'])}",
+        parts += [f"### {text['models'][key]}",
                   "\n".join(team_rows(figures, w["turns"], w["reps"], lang))]
     if "single" in s:
-        label = next(iter(result["models"].values()))["label"]
+        label = text["models"][next(iter(result["models"]))]
         parts += [f"### {text['single']}", text["single_intro"].format(label=label, threads=result["threads"]["used"],
                                                                         pp=PP_TOKENS, tg=TG_TOKENS),
                   "\n".join(single_rows(s["single"], PP_TOKENS, TG_TOKENS, lang))]
