@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# localllm on CPU behind an OpenAI-compatible API on port 8000.
+# localllm on CPU behind an OpenAI-compatible API on port 8000 (or llama.cpp's
+# llama-server: ENGINE in model.env).
 # Choose the model in model.env, then: docker build --platform linux/amd64 -t localllm .
 
 # Debian 12 (bookworm), dated tag: the same system libraries on every build.
@@ -17,7 +18,7 @@ RUN arch="$(uname -m)"; if [ "$arch" != x86_64 ]; then \
 # exact package versions would break the build at each security update.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential cmake git ca-certificates \
+    && apt-get install -y --no-install-recommends build-essential cmake git patch ca-certificates \
         python3 python3-dev python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
@@ -41,7 +42,16 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
     && tar -xzf /tmp/sdist/llama_cpp_python-*.tar.gz -C /tmp/sdist \
     && /tmp/cpu-levels.sh /tmp/sdist/llama_cpp_python-*/vendor/llama.cpp \
         /opt/venv/lib/python3.11/site-packages/llama_cpp/lib /opt/llama-cpu \
+    && mv /tmp/sdist/llama_cpp_python-*/vendor/llama.cpp /tmp/llama.cpp \
     && rm -rf /tmp/sdist
+
+# The second engine (ENGINE=llama-server): llama.cpp's own server from the same
+# sources, with this repository's patches (scripts/llama-server-*.patch). Only its
+# own files are kept; llama.cpp's libraries come from the CPU level folder at run
+# time, so both engines run the same llama.cpp build for the CPU.
+COPY scripts/build-llama-server.sh scripts/llama-server-*.patch /tmp/llama-server-build/
+RUN /tmp/llama-server-build/build-llama-server.sh /tmp/llama.cpp /opt/llama-server \
+    && rm -rf /tmp/llama.cpp /tmp/llama-server-build
 
 # localllm is not on PyPI: installed from git at a fixed commit (the last one).
 # Tests pass a local stand-in here; keep the default for real images.
@@ -54,7 +64,7 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
 # ---- runtime ----------------------------------------------------------------
 FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="localllm" \
-      org.opencontainers.image.description="A GGUF model served on CPU by Google's localllm (llama-cpp-python) behind an OpenAI-compatible API on port 8000" \
+      org.opencontainers.image.description="A GGUF model served on CPU by Google's localllm (llama-cpp-python), or by llama.cpp's llama-server (ENGINE=llama-server), behind an OpenAI-compatible API on port 8000" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="debian:bookworm-slim"
 # DL3008: as in the builder stage.
@@ -67,7 +77,9 @@ RUN apt-get update \
     && chown llm:llm /opt/models
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/llama-cpu /opt/llama-cpu
-ENV PATH=/opt/venv/bin:$PATH \
+# Without llama.cpp's libraries: the entrypoint sets LD_LIBRARY_PATH to a level folder.
+COPY --from=builder /opt/llama-server /opt/llama-server
+ENV PATH=/opt/venv/bin:/opt/llama-server:$PATH \
     CPU_LEVELS_DIR=/opt/llama-cpu \
     HF_HOME=/opt/models \
     HF_HUB_DISABLE_TELEMETRY=1 \
