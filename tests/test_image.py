@@ -4,6 +4,9 @@ Only what cannot be reached is replaced, through the Dockerfile's own build
 arguments: the base image comes from debootstrap (BASE_IMAGE), localllm from the
 stand-in's wheel (LOCALLLM), the hub from testkit/hub_standin.py (HF_ENDPOINT).
 The hub asks for a token, which reaches the build only as a secret.
+
+One image holds both engines: the tests that run it (`engine`) run once with the
+default (localllm) and once with `-e ENGINE=llama-server`, as a user would.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from conftest import ALIAS, REPO, REPO_FILES, ROOT, free_port
+from conftest import ALIAS, LOG_LINES, REPO, REPO_FILES, ROOT, free_port
+from localllm_container.server import HEALTH_PATH
 from testkit.hub_standin import HubStandin
 from testkit.server import processes_with_env
 
@@ -33,6 +37,12 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 TOKEN = "hf_build_secret_" + uuid.uuid4().hex  # must never appear in the image
 PORT = 8000
 BUILDAH_FLAKE = "sealing memfd copy: Device or resource busy"  # see ImageBuild.build
+# The model server's process in the container: its command line contains this.
+SERVER_PROCESS = {"localllm": "llama_cpp.server.app", "llama-server": "/opt/llama-server/llama-server"}
+# `docker run -e` for each engine. localllm is the default: nothing set. llama-server's system_info
+# line (which CPU code llama.cpp runs) is at its trace level, 4; setting it also takes a LLAMA_ARG_*
+# variable through the image's check of names against its `llama-server --help`.
+ENGINE_SETTINGS = {"localllm": {}, "llama-server": {"ENGINE": "llama-server", "LLAMA_ARG_LOG_VERBOSITY": "4"}}
 
 pytestmark = pytest.mark.skipif(os.environ.get("LOCALLLM_SKIP_IMAGE_TEST") == "1",
                                 reason="LOCALLLM_SKIP_IMAGE_TEST=1")
@@ -169,7 +179,8 @@ def steps(log: str) -> list[tuple[str, bool]]:
 def test_editing_model_env_reuses_the_heavy_layers(images):
     rebuilt = steps(images.rebuild_log)
     assert rebuilt, images.rebuild_log
-    heavy = [s for s in rebuilt if "pip install" in s[0] or "apt-get" in s[0]]
+    heavy = [s for s in rebuilt if any(word in s[0] for word in ("pip install", "apt-get", "build-llama-server.sh"))]
+    assert any("build-llama-server.sh" in s[0] for s in heavy), heavy
     assert heavy and all(cached for _, cached in heavy), heavy
     pull = [s for s in rebuilt if "entrypoint.py pull" in s[0]]
     assert pull and not pull[0][1], "the pull must run again after model.env changed"
@@ -223,7 +234,7 @@ class Container:
         for name, value in {**image_env, **environ}.items():  # -e replaces the image's value
             options += ["--env", f"{name}={value}"]
         self.options = options
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{self.name}.log", "w+")
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{self.name}.log", "w")
         self.proc = subprocess.Popen(["buildah", "run", *options, self.name, "--",
                                       *config["Entrypoint"], *config["Cmd"]],
                                      stdout=self.log, stderr=subprocess.STDOUT)
@@ -255,11 +266,13 @@ class Container:
                 time.sleep(0.2)
 
     def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
+        # Read through a file description of its own: seeking the one the container writes
+        # through would make its next lines overwrite the log's beginning.
+        return Path(self.log.name).read_text(errors="replace")
 
     def remove(self) -> None:
-        for pid in self.processes("/app/entrypoint.py serve") + self.processes("llama_cpp.server.app"):
+        for pid in [pid for needle in ("/app/entrypoint.py serve", *SERVER_PROCESS.values())
+                    for pid in self.processes(needle)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -277,9 +290,10 @@ def assert_port_free(port: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def container(images):
+def container(images, engine):
+    """The served image, on each engine in turn (one container at a time, on the image's port)."""
     assert_port_free(PORT)
-    running = Container(images.served)
+    running = Container(images.served, **ENGINE_SETTINGS[engine])
     try:
         running.wait_ready(PORT, 180)
         yield running
@@ -316,20 +330,28 @@ def test_the_slim_image_offline_without_its_model_says_so(images):
         running.remove()
 
 
-def test_container_answers_offline(container):
+def test_container_answers_offline(container, engine):
     with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/v1/models", timeout=5) as reply:
         assert [m["id"] for m in json.load(reply)["data"]] == [ALIAS]
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="unused", max_retries=0)
     reply = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hello"}],
                                            max_tokens=8)
-    assert reply.choices[0].message.content.strip()
+    assert reply.choices[0].message.content.strip() and reply.model == ALIAS
+    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{HEALTH_PATH}", timeout=5) as health:
+        assert health.status == 200
     assert "context 2048" in container.output()  # the rebuilt model.env is the one served
+    assert LOG_LINES[engine]["running"] in container.output()  # that engine's server, not the other
 
 
-def test_the_request_guard_is_active_in_the_image(container):
-    """A request that kills an unguarded server (see test_bad_input.py) gets a 400 from this image."""
+# A grammar llama.cpp cannot parse, in each engine's words.
+BAD_GRAMMAR_ANSWER = {"localllm": "grammar: llama.cpp cannot parse it", "llama-server": "failed to parse grammar"}
+
+
+def test_a_grammar_llama_cpp_cannot_parse_gets_a_400_from_the_image(container, engine):
+    """It kills an unguarded llama-cpp-python server (see test_bad_input.py): the localllm engine's
+    request guard answers 400; llama-server refuses it itself, with a 400 of its own."""
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="unused", max_retries=0)
-    with pytest.raises(openai.BadRequestError, match="grammar: llama.cpp cannot parse it"):
+    with pytest.raises(openai.BadRequestError, match=BAD_GRAMMAR_ANSWER[engine]):
         client.completions.create(model=ALIAS, prompt="Hi", max_tokens=4, extra_body={"grammar": "nonsense"})
     with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/v1/models", timeout=5) as reply:
         assert reply.status == 200
@@ -342,9 +364,9 @@ def test_healthcheck_command_succeeds_inside(container):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_server_runs_as_non_root_and_listens_only_on_its_port(container):
+def test_server_runs_as_non_root_and_listens_only_on_its_port(container, engine):
     import psutil
-    servers = container.processes("llama_cpp.server.app")
+    servers = container.processes(SERVER_PROCESS[engine])
     assert len(servers) == 1
     status = Path(f"/proc/{servers[0]}/status").read_text()
     uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)", status, re.M).groups()
@@ -361,86 +383,163 @@ def kernel_flags() -> set[str]:
 
 AVX512_FLAGS = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
 LEVEL_FLAGS = {"avx512": AVX512_FLAGS, "avx512_vnni": AVX512_FLAGS | {"avx512vbmi", "avx512_vnni"}}
+# What llama.cpp's system_info line (`CPU : ... AVX2 = 1 | ...`) reports for each level folder's
+# libggml-cpu: the instruction sets it was compiled for, so the code that runs.
+LEVEL_CODE = {"avx2": {"AVX", "AVX2", "F16C", "FMA", "BMI2"}}
+LEVEL_CODE["avx512"] = LEVEL_CODE["avx2"] | {"AVX512"}
+LEVEL_CODE["avx512_vnni"] = LEVEL_CODE["avx512"] | {"AVX512_VBMI", "AVX512_VNNI"}
+# How each engine is told the level folder (the entrypoint sets it).
+LEVEL_VARIABLE = {"localllm": "LLAMA_CPP_LIB_PATH", "llama-server": "LD_LIBRARY_PATH"}
 
 
-def test_the_best_cpu_build_for_this_machine_is_loaded(container):
-    """The expectation from /proc/cpuinfo, not from the entrypoint's own CPUID code."""
+def cpu_code(log: str) -> set[str]:
+    """The x86 vector instruction sets of the llama.cpp CPU build that wrote `log`: its last
+    system_info line's features at 1 (AVX..., F16C, FMA, BMI2; not SSE3 and the like, always 1)."""
+    lines = [line for line in log.splitlines() if "CPU : " in line]
+    assert lines, "no system_info line (`CPU : ...`) in the log:\n" + log[-3000:]
+    features = re.findall(r"(\w+) = (\d+)", lines[-1].split("CPU : ", 1)[1])
+    return {name for name, value in features if value == "1" and name.startswith(("AVX", "F16C", "FMA", "BMI"))}
+
+
+def test_the_best_cpu_build_for_this_machine_is_loaded(container, engine, report):
+    """The expectation from /proc/cpuinfo, not from the entrypoint's own CPUID code; what runs,
+    from llama.cpp's own system_info line in the container log."""
     flags = kernel_flags()
     expected = next((level for level in ("avx512_vnni", "avx512") if LEVEL_FLAGS[level] <= flags), "avx2")
-    (server,) = container.processes("llama_cpp.server.app")
+    (server,) = container.processes(SERVER_PROCESS[engine])
     environ = Path(f"/proc/{server}/environ").read_bytes().split(b"\0")
-    assert f"LLAMA_CPP_LIB_PATH=/opt/llama-cpu/{expected}".encode() in environ
+    assert f"{LEVEL_VARIABLE[engine]}=/opt/llama-cpu/{expected}".encode() in environ
     assert f"opt/llama-cpu/{expected}/libggml-cpu.so" in Path(f"/proc/{server}/maps").read_text()
     assert f"{expected} build" in container.output()
+    if engine == "llama-server":  # the localllm engine's log leaves llama.cpp's load log out (see IMAGE_RUN)
+        assert cpu_code(container.output()) == LEVEL_CODE[expected]
+    report(f"image: the CPU code {engine} runs here", f"{expected} build ({', '.join(sorted(LEVEL_CODE[expected]))})")
 
 
+# argv: ENGINE [EMULATOR ...]. Chooses the level as the entrypoint does (FORCE_LEVEL overrides),
+# loads the model on it with that engine and generates 2 tokens; llama.cpp's log on stderr.
 IMAGE_RUN = """
-import os, sys
+import json, os, subprocess, sys, time, urllib.request
 sys.path.insert(0, "/app")
-from localllm_container import cache, cpu, settings
+from localllm_container import cache, cpu, llama_server, settings
+engine, emulator = sys.argv[1], sys.argv[2:]
 level = os.environ.get("FORCE_LEVEL") or cpu.choose_cpu_level("")[0]
-os.environ["LLAMA_CPP_LIB_PATH"] = f"/opt/llama-cpu/{level}"
+os.environ["LLAMA_CPP_LIB_PATH"] = f"/opt/llama-cpu/{level}"  # before anything imports llama_cpp
 print("level", level, flush=True)
-from llama_cpp import Llama
 config = settings.load()  # the image's model.env
 (name,) = cache.recorded_files(config)
-llm = Llama(str(cache.cached_path(config["MODEL"], name)), n_ctx=64, n_threads=2, verbose=False)
-print("generated", llm.create_completion("Hello", max_tokens=2)["usage"]["completion_tokens"], flush=True)
+model = str(cache.cached_path(config["MODEL"], name))
+if engine == "localllm":
+    from llama_cpp import Llama
+    llm = Llama(model, n_ctx=64, n_threads=2, verbose=True)  # verbose: the system_info line
+    print("generated", llm.create_completion("Hello", max_tokens=2)["usage"]["completion_tokens"], flush=True)
+    sys.exit()
+# llama-server with the level folder as the entrypoint gives it, under the same emulator
+# (qemu-user runs what it was started with, not the programs that one starts)
+port = os.environ["TEST_PORT"]
+server = subprocess.Popen([*emulator, llama_server.binary(), "--model", model, "--port", port, "--ctx-size", "64",
+                           "--threads", "2", "--log-verbosity", "4"], env=llama_server.environment(dict(os.environ), level))
+deadline = time.monotonic() + 480
+while server.poll() is None and time.monotonic() < deadline:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+        break
+    except OSError:
+        time.sleep(0.5)
+if server.poll() is not None:  # died: its status, as a shell reports it
+    sys.exit(server.returncode if server.returncode >= 0 else 128 - server.returncode)
+try:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", b'{"prompt": "Hello", "n_predict": 2}')
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        print("generated", json.load(reply)["tokens_predicted"], flush=True)
+finally:
+    server.kill()
+    server.wait()
 """
 
 
 @pytest.fixture(scope="module")
 def image_root(images):
-    """The served image's file system, with qemu-user copied in to emulate older CPUs."""
+    """The served image's file system, with qemu-user copied in to emulate older CPUs, and /proc as
+    in a container (the dynamic loader finds llama-server's own libraries, $ORIGIN, through it)."""
     name = buildah("from", images.served).stdout.strip()
+    proc = None
     try:
         root = Path(buildah("mount", name).stdout.strip())
         shutil.copy(shutil.which("qemu-x86_64-static"), root / "tmp/qemu")
+        subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
+        proc = root / "proc"
         yield root, inspect(images.served)["Docker"]["config"]
     finally:
+        if proc:
+            subprocess.run(["umount", str(proc)], check=False)
         buildah("umount", name, check=False)
         buildah("rm", name, check=False)
 
 
-def run_in_image(image_root, cpu: str | None, **env: str) -> subprocess.CompletedProcess:
-    """IMAGE_RUN in the image's file system, on an emulated `cpu` (None: this CPU itself)."""
+def emulator(cpu: str | None) -> list[str]:
+    return ["/tmp/qemu", "-cpu", cpu] if cpu else []
+
+
+def run_in_image(image_root, cpu: str | None, *command: str, **env: str) -> subprocess.CompletedProcess:
+    """`command` in the image's file system, as its user with its environment, on an emulated
+    `cpu` (None: this CPU itself)."""
     root, config = image_root
     environ = dict(entry.split("=", 1) for entry in config["Env"])
-    emulator = ["/tmp/qemu", "-cpu", cpu] if cpu else []
-    return subprocess.run(["chroot", "--userspec=1000:1000", str(root), *emulator,
-                           "/opt/venv/bin/python3", "-c", IMAGE_RUN], env={**environ, **env},
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(["chroot", "--userspec=1000:1000", str(root), *emulator(cpu), *command],
+                          env={**environ, **env}, capture_output=True, text=True, timeout=600)
+
+
+def generate_in_image(image_root, engine: str, cpu: str | None, **env: str) -> subprocess.CompletedProcess:
+    """IMAGE_RUN: the model loaded by `engine` generates, on an emulated `cpu` (None: this CPU itself)."""
+    return run_in_image(image_root, cpu, "/opt/venv/bin/python3", "-c", IMAGE_RUN, engine, *emulator(cpu),
+                        TEST_PORT=str(free_port()), **env)
+
+
+@pytest.mark.parametrize("level", ["avx2", "avx512", "avx512_vnni"])
+def test_llama_server_links_with_every_level_folder(image_root, level):
+    """It carries none of llama.cpp's libraries: each level folder must give all of them, with every
+    symbol it needs (ldd -r only loads and links, so this holds on any CPU)."""
+    done = run_in_image(image_root, None, "ldd", "-r", "/opt/llama-server/llama-server",
+                        LD_LIBRARY_PATH=f"/opt/llama-cpu/{level}")
+    assert done.returncode == 0 and "not found" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert "undefined symbol" not in done.stdout + done.stderr, done.stdout + done.stderr
+    for library in ("libllama.so.0", "libggml-cpu.so.0", "libmtmd.so.0"):
+        assert f"{library} => /opt/llama-cpu/{level}/{library}" in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize("level", ["avx512", "avx512_vnni"])
-def test_an_avx512_build_loads_and_generates_on_this_cpu(image_root, level):
+def test_an_avx512_build_loads_and_generates_on_this_cpu(image_root, engine, level):
     """The builds DataSphere's Ice Lake nodes load; only a CPU that has the instructions can run them."""
     lacking = sorted(LEVEL_FLAGS[level] - kernel_flags())
     if lacking:
         pytest.skip(f"the {level} build is not run: this CPU lacks {', '.join(lacking)} (an AVX2-only machine)")
-    done = run_in_image(image_root, None, FORCE_LEVEL=level)
+    done = generate_in_image(image_root, engine, None, FORCE_LEVEL=level)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert done.stdout.splitlines() == [f"level {level}", "generated 2"]
+    assert cpu_code(done.stderr) == LEVEL_CODE[level]
 
 
-def test_an_avx2_cpu_runs_the_image_with_the_avx2_build(image_root):
+def test_an_avx2_cpu_runs_the_image_with_the_avx2_build(image_root, engine):
     """qemu -cpu Haswell: AVX2 but no AVX-512. The model loads and generates."""
-    done = run_in_image(image_root, "Haswell")
+    done = generate_in_image(image_root, engine, "Haswell")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert done.stdout.splitlines() == ["level avx2", "generated 2"]
+    assert cpu_code(done.stderr) == LEVEL_CODE["avx2"]
 
 
-def test_the_avx512_build_would_die_on_that_cpu(image_root):
+def test_the_avx512_build_would_die_on_that_cpu(image_root, engine):
     """The control: why the choice matters (illegal instruction, signal 4)."""
-    done = run_in_image(image_root, "Haswell", FORCE_LEVEL="avx512_vnni")
+    done = generate_in_image(image_root, engine, "Haswell", FORCE_LEVEL="avx512_vnni")
     assert done.returncode in (-4, 128 + 4), (done.returncode, done.stdout, done.stderr[-2000:])
 
 
-def test_sigterm_stops_the_container(container):
+def test_sigterm_stops_the_container(container, engine):
     """`docker stop` sends SIGTERM to the container's main process. Last: it ends the container."""
     entrypoints = container.processes("/app/entrypoint.py serve")
     main = [pid for pid in entrypoints if command_line(pid).split()[0].endswith(("/python", "/python3"))]
     assert len(main) == 1, [command_line(pid) for pid in entrypoints]
     os.kill(main[0], signal.SIGTERM)
     assert container.proc.wait(10) == 0, container.output()
-    assert container.processes("llama_cpp.server.app") == []
+    assert container.processes(SERVER_PROCESS[engine]) == []
+    assert LOG_LINES[engine]["stopped"] in container.output()  # a graceful stop, not the SIGKILL fallback
