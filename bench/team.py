@@ -4,23 +4,27 @@ and each asks T questions in turn, sending the whole conversation each time as a
 does; and one user alone, against llama.cpp's own `llama-bench`.
 
     PATH=$(ls -d ~/.cache/localllm-tests/llama-server-* | tail -1):$PATH \\
-        ~/.cache/localllm-tests/venv/bin/python -m bench.team [--users 4] [--turns 3] [--reps 3] [--write-docs]
+        ~/.cache/localllm-tests/venv/bin/python -m bench.team [--users 4] [--turns 3] [--reps 3] \\
+        [--threads N] [--nice -10] [--write-docs]
 
-(`tests/run` builds llama-server into ~/.cache/localllm-tests/llama-server-*.)
+(`tests/run` builds llama-server into ~/.cache/localllm-tests/llama-server-*.) About 7
+minutes on 2 quiet cores; on a busy shared machine, `--nice -10` (as root) and `--threads 1`
+keep other jobs from deciding the result (see the docs' "How it is measured").
 
 Two models: the test model (Gemma 3 270M base, ../shared/test-model.md) with
 CHAT_FORMAT=gemma, and the same weights with a chat template of their own
 (tests/derived_models.py). Each is pulled by `entrypoint.py pull` from testkit's hub
 stand-in into a hub cache of its own and served offline by `entrypoint.py serve`, with
-ENGINE=localllm and ENGINE=llama-server in turn, same model, same threads: one server at
-a time, the engines alternating, every repetition going over both models and llama-bench.
+ENGINE=localllm and ENGINE=llama-server in turn, same model, same threads, one server at
+a time. Each repetition: one user alone with localllm, llama-bench, one user alone with
+llama-server; then the team on each model, localllm then llama-server.
 
 The users start together; each asks its next question as soon as it has the answer. Each
 user is a real openai client (its default keep-alive pool, retries off) streaming chat
 completions at temperature 0; every answer is `--answer-tokens` long, end of generation
 banned through logit_bias, so both engines do the same work. Figures are medians over the
-repetitions; on a shared machine the ratios llama-server / localllm within the run count,
-not the absolute values.
+repetitions, ratios medians of each repetition's ratios: on a shared machine the ratios
+within the run count, not the absolute values.
 """
 from __future__ import annotations
 
@@ -399,6 +403,16 @@ def summarise(samples: dict) -> dict:
     return summary
 
 
+def measuring_options(argv: list[str]) -> list[str]:
+    """The command line's options without where the results go (--json FILE)."""
+    out, skip = [], False
+    for arg in argv:
+        if not skip and not arg.startswith("--json"):
+            out.append(arg)
+        skip = arg == "--json"
+    return out
+
+
 def run(args) -> dict:
     import llama_cpp
     if not shutil.which("llama-server"):
@@ -426,7 +440,7 @@ def run(args) -> dict:
     others = [r["others"] for runs in samples["team"].values() for rs in runs.values() for r in rs]
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([COMMAND, *sys.argv[1:]]), "machine": machine(), "load_average": load,
+        "command": " ".join([COMMAND, *measuring_options(sys.argv[1:])]), "machine": machine(), "load_average": load,
         "minutes": (time.monotonic() - started) / 60, "llama_cpp_python": llama_cpp.__version__,
         "threads": {"used": threads, "set": bool(args.threads), "auto": auto_threads, "why": threads_why}, "cpu_level": {"auto": level, "why": level_why},
         "n_ctx": n_ctx, "workload": {"users": args.users, "turns": args.turns, "answer_tokens": args.answer_tokens,

@@ -30,7 +30,7 @@ TEXT = {
                    "`~/.cache/localllm-bench`):",
         "models": {"base": "Gemma 3 270M base, CHAT_FORMAT=gemma",
                    "template": "Gemma 3 270M with a chat template of its own (in the GGUF)"},
-        "threads_set": "set; automatic would be {}", "automatic": "automatic",
+        "threads_set": "set; automatic would be {}", "threads_auto": "automatic, {}", "automatic": "automatic",
         "team_header": "| Figure | localllm | llama-server | llama-server / localllm | Target |\n|---|---|---|---|---|",
         "single": "One user alone",
         "single_intro": ("{label}, threads: {threads}, one request at a time on a freshly started server: "
@@ -115,7 +115,8 @@ TEXT = {
                    "`~/.cache/localllm-bench`):",
         "models": {"base": "Gemma 3 270M base, CHAT_FORMAT=gemma",
                    "template": "Gemma 3 270M со своим шаблоном чата (в GGUF)"},
-        "threads_set": "задано; автоматически было бы {}", "automatic": "автоматически",
+        "threads_set": "задано; автоматически было бы {}", "threads_auto": "автоматически, {}",
+        "automatic": "автоматически",
         "team_header": "| Показатель | localllm | llama-server | llama-server / localllm | Цель |\n|---|---|---|---|---|",
         "single": "Один пользователь",
         "single_intro": ("{label}, потоков: {threads}, по одному запросу на только что запущенном сервере: "
@@ -242,7 +243,7 @@ def render_section(result: dict, lang: str) -> str:
         missing=text["missing"].format(", ".join(m["missing_flags"])) if m["missing_flags"] else "",
         version=result["llama_cpp_python"], threads=result["threads"]["used"],
         threads_why=(text["threads_set"].format(result["threads"]["auto"]) if result["threads"]["set"]
-                     else result["threads"]["why"]), level=result["cpu_level"]["auto"], n_ctx=result["n_ctx"],
+                     else text["threads_auto"].format(result["threads"]["why"])), level=result["cpu_level"]["auto"], n_ctx=result["n_ctx"],
         parallel=text["automatic"] if w["parallel"] == "automatic" else w["parallel"],
         slots=re.search(r"in each of (\d+) slots", slots)[1],
         users=w["users"], turns=w["turns"], context=round(first["llama-server"]["prompt_tokens_turn1"]),
