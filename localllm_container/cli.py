@@ -24,7 +24,6 @@ from .server.log import uvicorn_log_config
 from .settings import BOOLEANS, SETTINGS, given, load, model_env_path, parse_env_file, resolve_runtime
 
 
-
 @click.group(invoke_without_command=True)
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -97,7 +96,6 @@ def serve() -> None:
     sys.stdout.flush()
     sys.exit(Supervisor(command, env, int(cfg["STOP_TIMEOUT"]), scratch / "start-error.txt", direct, busy,
                         explain).run())
-
 
 
 @cli.command()

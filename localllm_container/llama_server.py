@@ -147,9 +147,16 @@ def command(config, model_path: Path, model: ModelFacts) -> list[str]:
         args += ["--no-jinja", "--chat-template", chat_template(config["CHAT_FORMAT"])]
     else:
         args += ["--jinja"]  # the GGUF's own template, with tools
-    if config.values.get("EMBEDDING", "").lower() in ("true", "1", "yes"):
+    if embedding_on(config.values.get("EMBEDDING", "")):
         args += ["--embeddings"]
     return args  # API_KEY goes through the environment
+
+
+def embedding_on(value: str) -> bool:
+    """EMBEDDING read as llama-cpp-python's server reads it (pydantic's bool: on, yes, 1, true...),
+    so the same value means the same on both engines; settings validated it already."""
+    import pydantic
+    return bool(value) and pydantic.TypeAdapter(bool).validate_python(value)
 
 
 def answers_in_flight(port: str, api_key: str) -> bool:

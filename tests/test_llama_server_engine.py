@@ -67,6 +67,7 @@ def test_embedding_is_an_option_and_the_api_key_is_not_on_the_command_line(facts
     assert "--embeddings" in args and not any("sk-1" in arg for arg in args)
     assert llama_server.environment({}, "", "sk-1")["LLAMA_API_KEY"] == "sk-1"
     assert "--embeddings" not in llama_server.command(config(EMBEDDING="false"), tmp_path / "m.gguf", facts)
+    assert "--embeddings" in llama_server.command(config(EMBEDDING="on"), tmp_path / "m.gguf", facts)  # pydantic's
 
 
 def test_the_libraries_are_the_cpu_levels_or_llama_cpp_pythons(tmp_path):
