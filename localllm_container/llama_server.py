@@ -175,9 +175,18 @@ def answers_in_flight(port: str, api_key: str) -> bool:
         return False
 
 
+TEMPLATE_FAILURE = "chat template parsing error: "
+
+
 def start_failure(lines: list[str], model_path: Path) -> str | None:
-    """One line when llama-server's last lines say it could not load the model file,
-    in the localllm engine's words."""
+    """One line when llama-server's last lines say why it could not start: a model file it
+    cannot load (in the localllm engine's words), or a GGUF chat template its Jinja analysis
+    cannot read (it stops at start; a built-in template serves the model)."""
     if any("error loading model" in line or "failed to load model" in line for line in lines):
         return load_failure(str(model_path), lines)
+    reasons = [line.split(TEMPLATE_FAILURE, 1)[1].strip() for line in lines if TEMPLATE_FAILURE in line]
+    if reasons:
+        return (f"llama-server cannot read the chat template of {model_path.name}: {reasons[0]}; "
+                f"set CHAT_FORMAT (one of {', '.join(sorted(CHAT_TEMPLATES))}) to serve it with a "
+                "built-in template, or ENGINE=localllm")
     return None

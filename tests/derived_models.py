@@ -56,6 +56,13 @@ TOOLS_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
 )
+# The same, but a call's arguments joined to the text with `+` only, as some GGUFs write them:
+# llama-cpp-python's Jinja renders it, llama-server's analysis of tool calls cannot read it.
+JOINED_TOOLS_TEMPLATE = TOOLS_TEMPLATE.replace(
+    "{%- set arguments = call['function']['arguments'] -%}"
+    "{{- arguments if arguments is string else arguments | tojson -}}{{- '}\n</tool_call>' -}}",
+    "{{- call['function']['arguments'] + '}\n</tool_call>' -}}")
+assert JOINED_TOOLS_TEMPLATE != TOOLS_TEMPLATE
 UNKNOWN_ARCHITECTURE = "gemma99"
 
 
@@ -124,6 +131,12 @@ class DerivedModels:
         """The test model with a chat template that shows tools, as tool-calling models ship."""
         (path,) = self._made("gemma-3-270m-tools-Q4_K_M", lambda target: _copy(
             self.source, target, {"tokenizer.chat_template": TOOLS_TEMPLATE}))
+        return path
+
+    def with_joined_tools_template(self) -> Path:
+        """The test model with a tools template llama-server cannot analyse (JOINED_TOOLS_TEMPLATE)."""
+        (path,) = self._made("gemma-3-270m-joined-Q4_K_M", lambda target: _copy(
+            self.source, target, {"tokenizer.chat_template": JOINED_TOOLS_TEMPLATE}))
         return path
 
     def split(self) -> list[Path]:

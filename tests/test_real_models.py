@@ -17,13 +17,15 @@ TEMPLATE_REPO = "test-org/gemma-3-270m-it-GGUF"
 SPLIT_REPO = "test-org/gemma-3-270m-split-GGUF"
 FUTURE_REPO = "test-org/gemma-3-270m-future-GGUF"
 CUT_REPO = "test-org/gemma-3-270m-cut-GGUF"
+JOINED_REPO = "test-org/gemma-3-270m-joined-GGUF"
 
 
 @pytest.fixture(scope="module")
 def models_hub(derived):
     template, future, cut = derived.with_template(), derived.unknown_architecture(), derived.cut_short()
+    joined = derived.with_joined_tools_template()
     repos = {TEMPLATE_REPO: {template.name: template}, SPLIT_REPO: {p.name: p for p in derived.split()},
-             FUTURE_REPO: {future.name: future}, CUT_REPO: {cut.name: cut}}
+             FUTURE_REPO: {future.name: future}, CUT_REPO: {cut.name: cut}, JOINED_REPO: {joined.name: joined}}
     with HubStandin(repos) as server:
         yield server
 
@@ -113,3 +115,20 @@ def test_a_file_llama_cpp_cannot_load_says_why_in_one_line(serve_repo, report, r
     assert last.startswith("error: llama.cpp cannot load the model file ") and reason in last, server.output()
     assert f"models--{repo.replace('/', '--')}/snapshots/" in last and "Traceback" not in server.output()
     report(f"load error ({repo})", last)
+
+
+@pytest.mark.engines("llama-server")  # llama-cpp-python renders any template Jinja2 renders
+def test_a_template_llama_server_cannot_read_says_set_chat_format(serve_repo, report):
+    """llama-server's analysis of tool calls cannot read some GGUF templates and stops at start:
+    one line that names CHAT_FORMAT, and with it set the same model is served."""
+    server = serve_repo(dict(MODEL=JOINED_REPO, N_CTX="1024"))
+    assert server.proc.wait(120) == 1, server.output()
+    last = server.lines[-1]
+    assert last.startswith("error: llama-server cannot read the chat template of gemma-3-270m-joined-Q4_K_M.gguf: "
+                           "Unable to generate parser for this template") and "set CHAT_FORMAT (one of " in last
+    assert "Traceback" not in server.output()
+    report("template llama-server cannot read", last)
+    served = serve_repo(dict(MODEL=JOINED_REPO, N_CTX="1024", CHAT_FORMAT="gemma"))
+    served.wait_ready()
+    reply = client(served).chat.completions.create(messages=CONVERSATION, max_tokens=4, model="")
+    assert reply.choices[0].message.content
