@@ -114,7 +114,9 @@ def translate_chat(data: dict, served: Served) -> Plan:
     for name in IGNORED_FIELDS:
         data.pop(name, None)
     translate_token_limit(data)
-    if "messages" in data and isinstance(data["messages"], list):
+    if "messages" not in data:  # as OpenAI; llama-cpp-python's default [] made a too long prompt a 500
+        raise BadRequest("messages: required: the conversation, a list of messages", "messages")
+    if isinstance(data["messages"], list):
         data["messages"] = [translate_message(i, message) for i, message in enumerate(data["messages"])]
     refuse_platform_features(data)
     translate_response_format(data, served)
@@ -143,7 +145,7 @@ def translate_token_limit(data: dict) -> None:
 def translate_message(index: int, message):
     """developer is today's name of system; content given as parts becomes the text of its
     parts; an assistant turn without content (one that only called tools, sent with null or
-    no content) gets empty content, which the chat formats read."""
+    no content) gets empty content, which the chat formats read; any other turn needs content."""
     if not isinstance(message, dict):
         return message
     message = dict(message)
@@ -152,6 +154,9 @@ def translate_message(index: int, message):
     if message.get("role") == "assistant" and message.get("content") is None:
         message["content"] = ""
     content = message.get("content")
+    if content is None:  # else a template writes "None" or fails (a 500), as OpenAI answers 400
+        raise BadRequest(f"messages.{index}.content: a {message.get('role') or 'message'} message needs "
+                         "content: a string or a list of text parts", f"messages.{index}.content")
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
