@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from conftest import ROOT
 from localllm_container.server import patches
 
@@ -22,6 +24,7 @@ def test_each_other_version_is_named():
         "each patch against the new version and update WRITTEN_FOR")
 
 
+@pytest.mark.engines("localllm")  # the patches are of llama-cpp-python's server; llama-server is C++
 def test_a_server_with_another_llama_cpp_python_refuses_to_start(start_server, tmp_path):
     """A real start whose server process finds llama-cpp-python 0.3.99 first on its path
     (a distribution's metadata only: what importlib.metadata reports)."""
