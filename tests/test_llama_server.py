@@ -42,3 +42,21 @@ def test_a_request_after_a_stream_on_the_same_connection_is_answered(llama_serve
             except httpx.HTTPError as exc:
                 failures.append(f"pair {i}: {type(exc).__name__}: {exc}")
     assert failures == [], failures
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": ["Hi", "Bye"], "max_tokens": 4, "logprobs": 177242110985},
+    {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logprobs": True, "top_logprobs": 100000},
+], ids=["completions-logprobs", "chat-top_logprobs"])
+def test_more_than_20_log_probabilities_are_refused_and_the_server_stays_up(llama_server, body):
+    """The regression test of scripts/llama-server-logprobs-limit.patch: unpatched, such a request
+    made a reply with every vocabulary entry for every token, and a fuzzed one killed the server."""
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    with httpx.Client(base_url=llama_server.url, timeout=120, trust_env=False) as http:
+        refused = http.post(path, json=body)
+        assert refused.status_code == 400 and "Value must be between 0 <= value <= 20" in refused.text, refused.text
+        allowed = http.post(path, json={**body, "logprobs": True, "top_logprobs": 20} if "messages" in body
+                            else {**body, "logprobs": 20})
+        assert allowed.status_code == 200 and len(allowed.json()["choices"][0]["logprobs"]["content"][0]
+                                                  ["top_logprobs"]) == 20
+        assert http.get("/health").status_code == 200
