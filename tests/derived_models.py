@@ -121,23 +121,22 @@ class DerivedModels:
             work.rename(done)
         return sorted(done.iterdir())
 
+    def _with_chat_template(self, name: str, template: str) -> Path:
+        """The test model with `template` as its `tokenizer.chat_template`."""
+        (path,) = self._made(name, lambda target: _copy(self.source, target, {"tokenizer.chat_template": template}))
+        return path
+
     def with_template(self) -> Path:
         """The test model with `tokenizer.chat_template`, as instruct models ship."""
-        (path,) = self._made("gemma-3-270m-it-Q4_K_M", lambda target: _copy(
-            self.source, target, {"tokenizer.chat_template": GEMMA_TEMPLATE}))
-        return path
+        return self._with_chat_template("gemma-3-270m-it-Q4_K_M", GEMMA_TEMPLATE)
 
     def with_tools_template(self) -> Path:
         """The test model with a chat template that shows tools, as tool-calling models ship."""
-        (path,) = self._made("gemma-3-270m-tools-Q4_K_M", lambda target: _copy(
-            self.source, target, {"tokenizer.chat_template": TOOLS_TEMPLATE}))
-        return path
+        return self._with_chat_template("gemma-3-270m-tools-Q4_K_M", TOOLS_TEMPLATE)
 
     def with_joined_tools_template(self) -> Path:
         """The test model with a tools template llama-server cannot analyse (JOINED_TOOLS_TEMPLATE)."""
-        (path,) = self._made("gemma-3-270m-joined-Q4_K_M", lambda target: _copy(
-            self.source, target, {"tokenizer.chat_template": JOINED_TOOLS_TEMPLATE}))
-        return path
+        return self._with_chat_template("gemma-3-270m-joined-Q4_K_M", JOINED_TOOLS_TEMPLATE)
 
     def split(self) -> list[Path]:
         """The test model in three parts, named as llama.cpp's gguf-split names them."""
