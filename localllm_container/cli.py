@@ -47,8 +47,9 @@ def config() -> None:
         if model is None:
             click.echo("# llama-server's command: known once the model is pulled (entrypoint.py pull)")
         else:
-            command = llama_server.command(cfg, model.path, model)
-            click.echo("# llama-server's command: " + " ".join(shlex.quote(arg) for arg in command))
+            command = llama_server.command(cfg, model.path, model, "BACKEND_PORT")
+            click.echo("# llama-server's command (BACKEND_PORT: a free port on 127.0.0.1 chosen at start, "
+                       "behind the front on PORT): " + " ".join(shlex.quote(arg) for arg in command))
 
 
 @cli.command()
@@ -67,10 +68,13 @@ def serve() -> None:
     """Run the model server on PORT and stay in the foreground (the default command)."""
     # Imported here, with psutil at its top before any signal handler can need it:
     # `check` runs on a laptop with click alone.
-    from .supervisor import Supervisor, scratch_dir, server_env, start_log_relay, stop_before_serving
+    from .supervisor import Supervisor, free_local_port, front_process, json_output, scratch_dir, server_env, \
+        start_log_relay, stop_before_serving
     for sig in (signal.SIGTERM, signal.SIGINT):  # as PID 1 we would ignore them otherwise
         signal.signal(sig, stop_before_serving)
     cfg = load()
+    if cfg["LOG_FORMAT"] == "json":
+        json_output()
     files = files_to_serve(cfg)
     verify = BOOLEANS[cfg["VERIFY_MODEL_SHA256"].lower()]
     paths = [check_model_file(cfg["MODEL"], name, expected, verify) for name, expected in files.items()]
@@ -79,23 +83,24 @@ def serve() -> None:
     first = next(iter(files))
     scratch = scratch_dir()
     direct = cfg["ENGINE"] == "llama-server"
+    backend = free_local_port()  # the engine listens on 127.0.0.1 there, behind the front on PORT
     if direct:
-        command = llama_server.command(cfg, paths[0], model)
-        busy = lambda: llama_server.answers_in_flight(cfg["PORT"], cfg.values.get("API_KEY", ""))  # noqa: E731
+        command = llama_server.command(cfg, paths[0], model, backend)
         explain = functools.partial(llama_server.start_failure, model_path=paths[0])
     else:
         log_config = scratch / "uvicorn-log.json"
-        log_config.write_text(json.dumps(uvicorn_log_config(start_log_relay())))
-        command = llm("run", cfg["MODEL"], cfg["PORT"], "--host", "0.0.0.0", "--filename", first,
+        log_config.write_text(json.dumps(uvicorn_log_config(start_log_relay(), cfg["LOG_FORMAT"])))
+        command = llm("run", cfg["MODEL"], str(backend), "--host", "127.0.0.1", "--filename", first,
                       "--verbose", "--log-config", str(log_config))
-        busy = explain = None
+        explain = None
     engine, slots = ("llama-server, ", f" in each of {cfg['PARALLEL']} slots") if direct else ("", "")
     click.echo(f"Serving {cfg['MODEL']} ({first}) as {cfg['MODEL_ALIAS']!r} on port {cfg['PORT']} with {engine}"
-               f"{cfg['N_THREADS']} threads, context {cfg['N_CTX']}{slots}, {cfg['CPU_LEVEL']} build")
+               f"{cfg['N_THREADS']} threads, context {cfg['N_CTX']}{slots}, {cfg['CPU_LEVEL']} build, "
+               f"up to {cfg['MAX_QUEUE']} waiting; the engine on 127.0.0.1:{backend}")
     env = server_env(cfg, dict(os.environ))
     sys.stdout.flush()
-    sys.exit(Supervisor(command, env, int(cfg["STOP_TIMEOUT"]), scratch / "start-error.txt", direct, busy,
-                        explain).run())
+    sys.exit(Supervisor(front_process(cfg, backend, dict(os.environ)), command, env, int(cfg["STOP_TIMEOUT"]),
+                        scratch / "start-error.txt", direct, explain).run())
 
 
 @cli.command()

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import os
 import re
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from .errors import UserError
@@ -131,12 +128,13 @@ def automatic_parallel(model: ModelFacts, n_ctx: int, cpus: int) -> tuple[str, s
     return str(slots), why + (", lowered to fit memory" if slots < start else "")
 
 
-def command(config, model_path: Path, model: ModelFacts) -> list[str]:
-    """llama-server's command line from the effective settings (`config`)."""
+def command(config, model_path: Path, model: ModelFacts, port: int | str) -> list[str]:
+    """llama-server's command line from the effective settings (`config`), on 127.0.0.1:`port`
+    behind the front."""
     n_ctx, slots = int(config["N_CTX"]), int(config["PARALLEL"])
     cache_mib = max(1, prompt_cache_bytes(model, n_ctx, slots) >> 20)
     args = [binary(), "--model", str(model_path), "--alias", config["MODEL_ALIAS"],
-            "--host", "0.0.0.0", "--port", config["PORT"],
+            "--host", "127.0.0.1", "--port", str(port),
             # N_CTX is per conversation: every slot gets all of it (the KV cache is split evenly)
             "--ctx-size", str(n_ctx * slots), "--parallel", str(slots), "--no-kv-unified",
             "--threads", config["N_THREADS"], "--threads-batch", config["N_THREADS_BATCH"],
@@ -157,22 +155,6 @@ def embedding_on(value: str) -> bool:
     so the same value means the same on both engines; settings validated it already."""
     import pydantic
     return bool(value) and pydantic.TypeAdapter(bool).validate_python(value)
-
-
-def answers_in_flight(port: str, api_key: str) -> bool:
-    """Whether any slot is still answering (the drain before a stop). A slow reply counts as
-    busy (a loaded CPU; the drain has its own deadline); no server or no answer as not."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/slots",
-                                     headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
-    try:
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=2) as reply:
-            return any(slot.get("is_processing") for slot in json.load(reply))
-    except TimeoutError:
-        return True
-    except urllib.error.URLError as exc:
-        return isinstance(exc.reason, TimeoutError)
-    except (OSError, ValueError):
-        return False
 
 
 TEMPLATE_FAILURE = "chat template parsing error: "

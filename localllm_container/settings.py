@@ -23,6 +23,8 @@ from .model import CONTEXT_STEP, ModelFacts, automatic_chat_format, automatic_co
 from .resources import available_cpus
 
 ENGINES = ("localllm", "llama-server")
+LOG_FORMATS = ("text", "json")
+QUEUE_PER_SLOT = 4  # automatic MAX_QUEUE: a short wait behind each slot, not minutes in a line
 
 ROOT = Path(__file__).resolve().parent.parent  # /app in the image: model.env lives beside entrypoint.py
 MODEL_ENV_DEFAULT = ROOT / "model.env"
@@ -57,6 +59,9 @@ SETTINGS = {s.name: s for s in (
     Setting("ENGINE", "localllm", "localllm (llm run, one request at a time) or llama-server (parallel slots)"),
     Setting("PARALLEL", "", "llama-server's slots (requests answered at once); empty = from CPUs and memory",
             auto=True),
+    Setting("MAX_QUEUE", "", "requests that may wait for a slot, beyond them 503 at once; empty = "
+            f"{QUEUE_PER_SLOT} per slot", auto=True),
+    Setting("LOG_FORMAT", "text", "text, or json: one JSON object a line for log collectors"),
 )}
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 # llama-cpp-python server settings whose own defaults are wrong for a shared node.
@@ -163,14 +168,15 @@ def check_engine_takes(engine: str, name: str) -> None:
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def _positive_int(config: Config, name: str, allow_empty: bool = False, upper: int | None = None) -> None:
+def _positive_int(config: Config, name: str, allow_empty: bool = False, upper: int | None = None,
+                  lower: int = 1) -> None:
     value = config[name]
     if allow_empty and value == "":
         return
-    valid = f"a whole number from 1 to {upper}" if upper else "a whole number of at least 1"
+    valid = f"a whole number from {lower} to {upper}" if upper else f"a whole number of at least {lower}"
     if allow_empty:
         valid += ", or empty for automatic"
-    if not value.isdigit() or not 1 <= int(value) <= (upper or math.inf):
+    if not value.isdigit() or not lower <= int(value) <= (upper or math.inf):
         raise UserError(f"{name}={value!r} is not valid: expected {valid}")
 
 
@@ -202,6 +208,9 @@ def validate(config: Config, server_fields: dict) -> None:
     if config["PARALLEL"] and config["ENGINE"] != "llama-server":
         raise UserError(f"PARALLEL={config['PARALLEL']!r} is a setting of ENGINE=llama-server (localllm answers "
                         "one request at a time): set ENGINE=llama-server, or leave PARALLEL empty")
+    _positive_int(config, "MAX_QUEUE", allow_empty=True, upper=100000, lower=0)
+    if config["LOG_FORMAT"] not in LOG_FORMATS:
+        raise UserError(f"LOG_FORMAT={config['LOG_FORMAT']!r} is not valid: expected {' or '.join(LOG_FORMATS)}")
     levels = installed_cpu_levels()
     if config["CPU_LEVEL"] and config["CPU_LEVEL"] not in levels:
         raise UserError(f"CPU_LEVEL={config['CPU_LEVEL']!r} is not valid: expected empty (automatic) or one of "
@@ -262,7 +271,8 @@ def resolve_runtime(config: Config, model: ModelFacts | None = None) -> None:
         config.sources["MODEL_ALIAS"] = "automatic: repo name"
     config.values["CPU_LEVEL"], config.sources["CPU_LEVEL"] = choose_cpu_level(config["CPU_LEVEL"])
     if model is None:
-        for name in ("N_CTX", "CHAT_FORMAT") + (("PARALLEL",) if config["ENGINE"] == "llama-server" else ()):
+        for name in ("N_CTX", "CHAT_FORMAT", "MAX_QUEUE") + (("PARALLEL",) if config["ENGINE"] == "llama-server"
+                                                             else ()):
             if not config[name]:
                 config.sources[name] = "automatic: decided at start from the model file"
         return
@@ -273,14 +283,23 @@ def resolve_runtime(config: Config, model: ModelFacts | None = None) -> None:
     n_ctx = int(config["N_CTX"])
     if config["ENGINE"] != "llama-server":
         check_memory(model, n_ctx)
-        return
-    if config["CHAT_FORMAT"]:
-        llama_server.chat_template(config["CHAT_FORMAT"])  # an automatic choice may have no equivalent
-    if not config["PARALLEL"]:
-        config.values["PARALLEL"], config.sources["PARALLEL"] = llama_server.automatic_parallel(
-            model, n_ctx, available_cpus()[0])
-    slots = int(config["PARALLEL"])
-    check_memory(model, n_ctx, slots, llama_server.prompt_cache_bytes(model, n_ctx, slots))
+    else:
+        if config["CHAT_FORMAT"]:
+            llama_server.chat_template(config["CHAT_FORMAT"])  # an automatic choice may have no equivalent
+        if not config["PARALLEL"]:
+            config.values["PARALLEL"], config.sources["PARALLEL"] = llama_server.automatic_parallel(
+                model, n_ctx, available_cpus()[0])
+        slots = int(config["PARALLEL"])
+        check_memory(model, n_ctx, slots, llama_server.prompt_cache_bytes(model, n_ctx, slots))
+    if not config["MAX_QUEUE"]:
+        slots = answered_at_once(config)
+        config.values["MAX_QUEUE"] = str(QUEUE_PER_SLOT * slots)
+        config.sources["MAX_QUEUE"] = f"automatic: {QUEUE_PER_SLOT} per slot, {slots} slot{'s' * (slots > 1)}"
+
+
+def answered_at_once(config: Config) -> int:
+    """Requests the engine answers at once: llama-server's slots, localllm's one."""
+    return int(config["PARALLEL"]) if config["ENGINE"] == "llama-server" else 1
 
 
 def model_env_path() -> Path:

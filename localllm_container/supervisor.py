@@ -2,16 +2,20 @@
 port is open and leaves the server orphaned (../shared/localllm-contract.md), so this
 adopts it as a child subreaper, relays its log, forwards stop signals to the whole
 tree, kills what is left at STOP_TIMEOUT and exits non-zero when the server dies.
-llama-server (ENGINE=llama-server) is started directly and is its own child; as it
-cuts answers in flight when told to stop, the stop waits for them first (`busy`).
-It decides no setting: server_env hands the effective ones to the server.
+llama-server (ENGINE=llama-server) is started directly and is its own child. Before
+either, the front (localllm_container.front) takes the container's port, and the engine
+listens on 127.0.0.1 behind it. It decides no setting: server_env and front_command hand
+the effective ones over.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import ctypes
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +30,7 @@ import psutil
 from . import llama_server
 from .cpu import installed_cpu_levels
 from .server.log import START_ERROR_VARIABLE
-from .settings import ROOT, Config
+from .settings import ROOT, Config, answered_at_once
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -52,6 +56,47 @@ def start_log_relay() -> str:
 
     threading.Thread(target=relay, daemon=True, name="server-log").start()
     return f"/proc/{os.getpid()}/fd/{write_fd}"
+
+
+def json_output() -> None:
+    """LOG_FORMAT=json: from here on every line this process and its children write to
+    stdout or stderr reaches the container log as one JSON object (lines that are one
+    already, the front's and the engine's own, pass as they are)."""
+    relays = []
+    for fd in (1, 2):
+        target = os.dup(fd)
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, fd)
+        os.close(write_fd)
+
+        def relay(read_fd=read_fd, target=target) -> None:
+            with os.fdopen(read_fd, "rb") as lines:
+                for line in lines:
+                    os.write(target, json_line(line))
+
+        relays.append((fd, target, threading.Thread(target=relay, daemon=True, name="json-log")))
+        relays[-1][2].start()
+
+    def flush_at_exit() -> None:  # the last lines (an error, "stopped on ...") must not be lost
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, target, thread in relays:
+            os.dup2(target, fd)  # closes our end of the pipe; the children are gone by now
+        for _, _, thread in relays:
+            thread.join(2)
+
+    atexit.register(flush_at_exit)
+
+
+def json_line(line: bytes) -> bytes:
+    """One line as a JSON object; the level from our own `error:`/`warning:` prefixes
+    (llama.cpp writes its ordinary lines to stderr, so the stream tells nothing)."""
+    text = line.decode("utf-8", "replace").rstrip("\r\n")
+    if text.startswith("{") and text.endswith("}"):
+        return text.encode() + b"\n"
+    level = text.split(":", 1)[0].upper() if text.startswith(("error:", "warning:")) else "INFO"
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "level": level, "logger": "container", "message": text}
+    return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
 
 
 def relay_lines(pipe, recent: collections.deque) -> threading.Thread:
@@ -102,29 +147,33 @@ def reap() -> list[tuple[int, int]]:
 
 
 class Supervisor:
-    """Runs `llm run`, adopts the server it leaves behind, and stops the tree; or runs
-    a server that stays in the foreground (`direct`) as its child."""
+    """Runs the front (on PORT: /health, /metrics, the queue bound, request ids) and then
+    the engine behind it: `llm run`, whose server it adopts, or a server that stays in the
+    foreground (`direct`) as its child. A stop goes to the front first, which takes no new
+    request and lets the answers in flight finish, then to the engine."""
 
-    def __init__(self, command: list[str], env: dict[str, str], stop_timeout: int, start_error: Path,
-                 direct: bool = False, busy: Callable[[], bool] | None = None,
+    def __init__(self, front: tuple[list[str], dict[str, str]], command: list[str], env: dict[str, str],
+                 stop_timeout: int,
+                 start_error: Path, direct: bool = False,
                  explain: Callable[[list[str]], str | None] | None = None):
-        """`start_error`: where the server writes why it could not start (server.log).
-        `busy`: whether answers are in flight, for a server that cuts them on SIGTERM:
-        the stop then waits for them (up to STOP_TIMEOUT - 3 s) before passing it on.
+        """`front`: its command and environment (front_process).
+        `start_error`: where the server writes why it could not start (server.log).
         `explain`: one line on why a direct server died, from its last output lines."""
-        self.command, self.env, self.stop_timeout = command, env, stop_timeout
-        self.start_error, self.direct, self.busy, self.explain = start_error, direct, busy, explain
+        self.front_command, self.command, self.env, self.stop_timeout = front, command, env, stop_timeout
+        self.start_error, self.direct, self.explain = start_error, direct, explain
         self.recent: collections.deque = collections.deque(maxlen=50)
         self.relay: threading.Thread | None = None
         self.env[START_ERROR_VARIABLE] = str(start_error)
         self.stop_signal: int | None = None
+        self.front: subprocess.Popen | None = None
         self.terminated: set[int] = set()
 
     def _on_signal(self, signum, _frame) -> None:
         if self.stop_signal is None:
             self.stop_signal = signum
-            if self.busy is None:
-                signal_tree(signal.SIGTERM, self.terminated)
+            if self.front is not None:  # at once: no new request is taken from here on
+                self.front.send_signal(signal.SIGTERM)
+                self.terminated.add(self.front.pid)
 
     def run(self) -> int:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -132,6 +181,7 @@ class Supervisor:
             click.echo("warning: cannot become a child subreaper; the server will not be adopted", err=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        self.front = subprocess.Popen(self.front_command[0], env=self.front_command[1])
         if self.direct:
             server = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             self.relay = relay_lines(server.stdout, self.recent)
@@ -147,23 +197,28 @@ class Supervisor:
                        "(see the lines above)", err=True)
             signal_tree(signal.SIGKILL)
             return 1
-        server = {p.pid for p in descendants()}
+        server = {p.pid for p in descendants()} - {self.front.pid}
         if not server:
             click.echo("error: `llm run` returned but no server process is left to adopt", err=True)
+            signal_tree(signal.SIGKILL)
             return 1
         return self.watch(server)
 
     def watch(self, server: set[int]) -> int:
-        """Until a stop signal: exit 1 as soon as a server process dies."""
+        """Until a stop signal: exit 1 as soon as a server process or the front dies."""
         while self.stop_signal is None:
             for pid, status in reap():
-                if pid in server:
+                if pid in server or pid == self.front.pid:
                     code = os.waitstatus_to_exitcode(status)
-                    if self.relay is not None:
-                        self.relay.join(2)  # its last lines, which may say why
-                    reason = self.explain(list(self.recent)) if self.explain else None
-                    click.echo(f"error: {reason}" if reason else
-                               f"error: the model server (pid {pid}) exited with status {code}", err=True)
+                    if pid == self.front.pid:
+                        reason = None
+                        click.echo(f"error: the front on PORT (pid {pid}) exited with status {code}", err=True)
+                    else:
+                        if self.relay is not None:
+                            self.relay.join(2)  # its last lines, which may say why
+                        reason = self.explain(list(self.recent)) if self.explain else None
+                        click.echo(f"error: {reason}" if reason else
+                                   f"error: the model server (pid {pid}) exited with status {code}", err=True)
                     signal_tree(signal.SIGKILL)
                     return 1
             if not descendants():  # not adopted (no subreaper) and gone
@@ -173,12 +228,12 @@ class Supervisor:
         return self.stop()
 
     def stop(self) -> int:
-        """Forward the stop to the whole tree, SIGKILL what is left at the deadline."""
+        """The front drains (up to STOP_TIMEOUT - 3 s, as uvicorn's graceful shutdown), then
+        the whole tree gets the stop; SIGKILL for what is left at the deadline."""
         deadline = time.monotonic() + max(0.5, self.stop_timeout - 1.5)  # leave time to reap and exit
-        drained = time.monotonic() + max(0, self.stop_timeout - 3)  # as uvicorn's graceful shutdown
-        while self.busy is not None and time.monotonic() < drained and descendants() and self.busy():
-            reap()
-            time.sleep(0.1)
+        drained = time.monotonic() + max(0, self.stop_timeout - 3)
+        while self.front is not None and self.front.poll() is None and time.monotonic() < drained:
+            time.sleep(0.05)
         while descendants() and time.monotonic() < deadline:
             signal_tree(signal.SIGTERM, self.terminated)  # a child may have started meanwhile
             reap()
@@ -216,3 +271,24 @@ def server_env(config: Config, environ: dict[str, str]) -> dict[str, str]:
     env["UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN"] = str(max(1, int(config["STOP_TIMEOUT"]) - 3))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))  # the server package
     return env
+
+
+def front_process(config: Config, backend_port: int, environ: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The front's command line and environment from the effective settings."""
+    command = [sys.executable, "-m", "localllm_container.front", "--port", config["PORT"],
+               "--backend", f"http://127.0.0.1:{backend_port}", "--engine", config["ENGINE"],
+               "--alias", config["MODEL_ALIAS"], "--slots", str(answered_at_once(config)),
+               "--max-queue", config["MAX_QUEUE"], "--log-format", config["LOG_FORMAT"],
+               # answers in flight at a stop may finish until then; the supervisor kills at STOP_TIMEOUT - 1.5 s
+               "--graceful", str(max(1, int(config["STOP_TIMEOUT"]) - 3)),
+               # the localllm engine's streams carry no token counts unless asked (llama-server's end with them)
+               "--add-usage" if config["ENGINE"] == "localllm" else "--no-add-usage"]
+    env = {**environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))}
+    return command, env
+
+
+def free_local_port() -> int:
+    """A port on 127.0.0.1 for the engine behind the front (the kernel's choice)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -47,27 +47,27 @@ def option(args: list[str], name: str) -> str:
 
 
 def test_n_ctx_is_each_slots_context(facts, tmp_path):
-    args = llama_server.command(config(), tmp_path / "m.gguf", facts)
+    args = llama_server.command(config(), tmp_path / "m.gguf", facts, 8001)
     assert (option(args, "--ctx-size"), option(args, "--parallel")) == ("8192", "4")
     assert "--no-kv-unified" in args and option(args, "--fit") == "off"
     assert option(args, "--cache-ram") == str(4 * 2048 * facts.kv_bytes_per_token >> 20)
 
 
 def test_the_ggufs_template_or_a_built_in_one(facts, tmp_path):
-    assert "--jinja" in llama_server.command(config(), tmp_path / "m.gguf", facts)
-    args = llama_server.command(config(CHAT_FORMAT="llama-3"), tmp_path / "m.gguf", facts)
+    assert "--jinja" in llama_server.command(config(), tmp_path / "m.gguf", facts, 8001)
+    args = llama_server.command(config(CHAT_FORMAT="llama-3"), tmp_path / "m.gguf", facts, 8001)
     assert args.index("--no-jinja") < args.index("--chat-template") and option(args, "--chat-template") == "llama3"
     with pytest.raises(UserError, match="CHAT_FORMAT='saiga' has no equivalent in llama-server"):
-        llama_server.command(config(CHAT_FORMAT="saiga"), tmp_path / "m.gguf", facts)
+        llama_server.command(config(CHAT_FORMAT="saiga"), tmp_path / "m.gguf", facts, 8001)
 
 
 def test_embedding_is_an_option_and_the_api_key_is_not_on_the_command_line(facts, tmp_path):
     """`ps` shows a command line to anyone in the container: the key goes in the environment."""
-    args = llama_server.command(config(API_KEY="sk-1", EMBEDDING="true"), tmp_path / "m.gguf", facts)
+    args = llama_server.command(config(API_KEY="sk-1", EMBEDDING="true"), tmp_path / "m.gguf", facts, 8001)
     assert "--embeddings" in args and not any("sk-1" in arg for arg in args)
     assert llama_server.environment({}, "", "sk-1")["LLAMA_API_KEY"] == "sk-1"
-    assert "--embeddings" not in llama_server.command(config(EMBEDDING="false"), tmp_path / "m.gguf", facts)
-    assert "--embeddings" in llama_server.command(config(EMBEDDING="on"), tmp_path / "m.gguf", facts)  # pydantic's
+    assert "--embeddings" not in llama_server.command(config(EMBEDDING="false"), tmp_path / "m.gguf", facts, 8001)
+    assert "--embeddings" in llama_server.command(config(EMBEDDING="on"), tmp_path / "m.gguf", facts, 8001)  # pydantic's
 
 
 def test_the_libraries_are_the_cpu_levels_or_llama_cpp_pythons(tmp_path):

@@ -11,6 +11,7 @@ from . import HEALTH_PATH
 from .checks import ServedModel, check_semantics, nulls_meaning_default, parse_json, request_models, \
     validated, with_defaults_explicit
 from .client import GENERATION, Client, ClientGone, Generation, read_body
+from .log import REQUEST_ID
 from .replies import Reply
 from .streaming import StreamedResponse, answer
 from .translate import BadRequest, translate
@@ -36,6 +37,8 @@ class RequestGuard:
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
+        if scope["type"] == "http":  # the front's id, on every line written for this request
+            REQUEST_ID.set(dict(scope["headers"]).get(b"x-localllm-request-id", b"").decode("latin-1"))
         if scope["type"] == "http" and path == HEALTH_PATH and scope["method"] in ("GET", "HEAD"):
             return await answer(send, 200, HEALTHY)  # the server listens only once the model is loaded
         if scope["type"] != "http" or scope["method"] != "POST" or path not in self.models:

@@ -5,6 +5,8 @@ llama.cpp's words, which llama-cpp-python hides) goes to a file the entrypoint p
 """
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
 import os
 import sys
@@ -15,6 +17,31 @@ START_ERROR_VARIABLE = "LOCALLLM_START_ERROR_FILE"
 
 
 _handed_off = False
+# The id of the request being answered (the front's X-Request-Id), set by the guard.
+REQUEST_ID: contextvars.ContextVar = contextvars.ContextVar("request_id", default="")
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives each line written while a request is answered its id (`request` in the format)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        record.request = f" request_id={record.request_id}" if record.request_id else ""
+        return True
+
+
+class JsonLineFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one object a line, the same fields from the front and the engine."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                "logger": record.name, "message": record.getMessage()}
+        if getattr(record, "request_id", ""):
+            line["request_id"] = record.request_id
+        line.update(getattr(record, "fields", {}))  # the front's access lines: status, path, duration...
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
 
 
 class HandoffStreamHandler(logging.StreamHandler):
@@ -38,26 +65,24 @@ class HandoffStreamHandler(logging.StreamHandler):
             _handed_off = True
 
 
-def uvicorn_log_config(target: str) -> dict:
+def uvicorn_log_config(target: str, log_format: str) -> dict:
     """uvicorn's logging: start-up lines reach `llm run`, later lines reach the
-    supervisor; the `guard` filter applies patches.install."""
-    handler = {"()": f"{__name__}.HandoffStreamHandler", "target": target}
+    supervisor, each with the id of the request it was written for; the `guard`
+    filter applies patches.install. No access lines: the front writes them."""
+    handler = {"()": f"{__name__}.HandoffStreamHandler", "target": target, "filters": ["request_id"]}
+    text = {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(asctime)s %(levelprefix)s %(message)s%(request)s",
+            "use_colors": False}
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"guard": {"()": f"{__package__}.patches.install"}},
-        "formatters": {
-            "default": {"()": "uvicorn.logging.DefaultFormatter",
-                        "fmt": "%(asctime)s %(levelprefix)s %(message)s", "use_colors": False},
-            "access": {"()": "uvicorn.logging.AccessFormatter", "use_colors": False,
-                       "fmt": '%(asctime)s %(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'},
-        },
-        "handlers": {"default": {**handler, "formatter": "default"},
-                     "access": {**handler, "formatter": "access"}},
+        "filters": {"guard": {"()": f"{__package__}.patches.install"},
+                    "request_id": {"()": f"{__name__}.RequestIdFilter"}},
+        "formatters": {"default": {"()": f"{__name__}.JsonLineFormatter"} if log_format == "json" else text},
+        "handlers": {"default": {**handler, "formatter": "default"}},
         "loggers": {
             "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
             "uvicorn.error": {"level": "INFO"},
-            "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+            "uvicorn.access": {"level": "WARNING"},
         },
     }
 
