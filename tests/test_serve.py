@@ -65,8 +65,9 @@ def test_request_with_datasphere_headers_succeeds(server):
 
 
 def test_request_log_lines_reach_the_entrypoint_stdout(server, engine):
-    """After `llm run` has returned, uvicorn's access lines still reach the container log;
-    llama-server (no access log) writes its timing lines for each request there."""
+    """After the engine has taken over, each request's line reaches the container log: the
+    front's access line for the localllm engine (whose own lines after `llm run` returned
+    are checked when it stops), llama-server's timing lines."""
     assert server.wait_for_line(LOG_LINES[engine]["running"])  # the server has taken over
     client(server).completions.create(model=ALIAS, prompt="Hello", max_tokens=2)
     server.wait_for_line(LOG_LINES[engine]["answered"])
@@ -106,20 +107,26 @@ def test_sigterm_right_after_the_port_opens(start_server):
     assert entrypoint.leftovers() == []
 
 
-SERVER_COMMAND = {"localllm": b"llama_cpp.server.app", "llama-server": b"llama-server"}
+# How each process of a running entrypoint is told from the others, by its command line.
+PROCESS_ARGV = {"localllm": lambda argv: b"llama_cpp.server.app:create_app" in argv,
+                "llama-server": lambda argv: argv[0].endswith(b"/llama-server"),
+                "front": lambda argv: b"localllm_container.front" in argv}
 
 
-def test_server_death_makes_the_entrypoint_exit_nonzero(start_server, engine):
+@pytest.mark.parametrize("dies", ["engine", "front"])
+def test_server_death_makes_the_entrypoint_exit_nonzero(start_server, engine, dies):
     entrypoint = start_server()
     entrypoint.wait_ready()
     entrypoint.wait_for_line(LOG_LINES[engine]["running"])  # localllm: `llm run` has returned, the server adopted
-    servers = [pid for pid in entrypoint.leftovers()
-               if SERVER_COMMAND[engine] in open(f"/proc/{pid}/cmdline", "rb").read()]
-    assert len(servers) == 1
-    os.kill(servers[0], signal.SIGKILL)
+    kind = engine if dies == "engine" else "front"
+    victims = [pid for pid in entrypoint.leftovers()
+               if PROCESS_ARGV[kind](open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0"))]
+    assert len(victims) == 1
+    os.kill(victims[0], signal.SIGKILL)
     code, took = wait_exit(entrypoint, 5)
     assert code != 0
     assert "exited" in entrypoint.output()
+    assert entrypoint.leftovers() == []
 
 
 def test_run_time_environment_overrides_model_env(start_server):
