@@ -9,6 +9,7 @@ import pytest
 
 from localllm_container import resources, settings
 from localllm_container.errors import UserError
+from localllm_container.model import model_facts
 from localllm_container.settings import load_config
 from conftest import ROOT, clean_environ, run_entrypoint, write_model_env
 
@@ -98,6 +99,9 @@ def test_a_model_given_nowhere_is_named(tmp_path):
     ({"PORT": "70000"}, "PORT='70000' is not valid: expected a whole number from 1 to 65535"),
     ({"CHAT_FORMAT": "nope"}, "CHAT_FORMAT='nope' is not valid: .*chatml.*gemma"),
     ({"USE_MLOCK": "perhaps"}, "USE_MLOCK='perhaps' is not valid for llama-cpp-python's server"),
+    ({"MAX_QUEUE": "-1"}, r"MAX_QUEUE='-1' is not valid: expected a whole number from 0 to 100000, or empty"),
+    ({"MAX_QUEUE": "lots"}, r"MAX_QUEUE='lots' is not valid: expected a whole number from 0 to 100000"),
+    ({"LOG_FORMAT": "JSON5"}, r"LOG_FORMAT='JSON5' is not valid: expected text or json"),
 ])
 def test_bad_values_name_the_variable_and_what_is_valid(env_file, environ, message):
     with pytest.raises(UserError, match=message):
@@ -110,6 +114,17 @@ def test_automatic_values_say_why(env_file):
     assert config["MODEL_ALIAS"] == "Foo-7B"
     assert int(config["N_THREADS"]) >= 1 and config.sources["N_THREADS"].startswith("automatic: affinity")
     assert config["N_THREADS_BATCH"] == config["N_THREADS"]
+
+
+def test_the_automatic_queue_bound_is_four_per_slot(env_file, model_path):
+    """The localllm engine answers one request at a time: 4 may wait. A value given stays."""
+    facts = model_facts([model_path])
+    config = load_config({}, env_file)
+    settings.resolve_runtime(config, facts)
+    assert (config["MAX_QUEUE"], config.sources["MAX_QUEUE"]) == ("4", "automatic: 4 per slot, 1 slot")
+    given = load_config({"MAX_QUEUE": "0"}, env_file)
+    settings.resolve_runtime(given, facts)
+    assert given["MAX_QUEUE"] == "0"
 
 
 def test_config_prints_each_setting_with_its_source(tmp_path):
@@ -182,6 +197,7 @@ def test_config_shows_the_engine_and_llama_servers_command(tmp_path, pulled_home
     slots = max(4, min(16, cpus))  # the rule; memory is plenty for the test model
     assert f"PARALLEL={slots}  # automatic: {cpus} CPUs, within 4..16" in lines
     assert "LLAMA_ARG_BATCH=256  # model.env, passed on" in lines
-    command = next(line for line in lines if line.startswith("# llama-server's command: "))
+    assert f"MAX_QUEUE={4 * slots}  # automatic: 4 per slot, {slots} slots" in lines
+    command = next(line for line in lines if line.startswith("# llama-server's command (BACKEND_PORT: "))
     assert "/llama-server --model " in command and "gemma-3-270m-Q4_K_M.gguf" in command
     assert f" --ctx-size {1024 * slots} --parallel {slots} " in command and " --threads 2 " in command
