@@ -364,16 +364,17 @@ def test_healthcheck_command_succeeds_inside(container):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_server_runs_as_non_root_and_listens_only_on_its_port(container, engine):
+def test_server_runs_as_non_root_and_only_its_port_is_open_to_the_network(container, engine):
     import psutil
     servers = container.processes(SERVER_PROCESS[engine])
     assert len(servers) == 1
     status = Path(f"/proc/{servers[0]}/status").read_text()
     uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)", status, re.M).groups()
     assert uids == ("1000", "1000")
-    listening = {c.laddr.port for pid in container.processes("")
+    listening = {(c.laddr.ip, c.laddr.port) for pid in container.processes("")
                  for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
-    assert listening == {PORT}
+    behind = listening - {("0.0.0.0", PORT)}  # the front on PORT; the engine behind it, on loopback only
+    assert ("0.0.0.0", PORT) in listening and len(behind) == 1 and next(iter(behind))[0] == "127.0.0.1", listening
 
 
 def kernel_flags() -> set[str]:
