@@ -24,6 +24,7 @@ MODEL_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embedd
                           "/rerank", "/v1/rerank", "/reranking"})
 LABELLED_ROUTES = MODEL_ROUTES | {"/v1/models", HEALTH_PATH, METRICS_PATH}  # others count as "other"
 MAX_BODY_BYTES = 16 << 20  # as the localllm engine's guard: far above any prompt that fits a context
+CLIENT_LEFT = 499  # logged and counted for a request whose client left before any answer (nginx's code)
 HEALTH_TIMEOUT = 2.0  # an engine that does not answer its own /health this fast is not answering
 # Not passed on, either way: hop-by-hop headers, the length of a body the front may change,
 # and request ids (the front's own goes to the engine under a name of its own).
@@ -43,6 +44,8 @@ class Settings:
 
 
 class Front:
+    """The ASGI app of the front: one per container, so its counts are the container's."""
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics(settings.engine, settings.alias, settings.slots, settings.max_queue)
@@ -60,7 +63,7 @@ class Front:
         started, path, method = time.monotonic(), scope["path"], scope["method"]
         headers = dict(scope["headers"])
         rid = log.request_id(headers.get(log.REQUEST_ID_HEADER.encode(), b"").decode("latin-1"))
-        status = [500]
+        status = [CLIENT_LEFT]  # until a response starts
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
@@ -79,6 +82,9 @@ class Front:
                 await self.admit(scope, receive, send_with_id, rid, started)
             else:
                 await self.forward(scope, receive, send_with_id, rid, started, measure=False)
+        except Exception:
+            status[0] = 500 if status[0] == CLIENT_LEFT else status[0]
+            raise
         finally:
             route = path if path in LABELLED_ROUTES else "other"
             self.metrics.requests.labels(route, str(status[0])).inc()
