@@ -29,18 +29,17 @@ CHAT_TEMPLATES = {"chatml": "chatml", "qwen": "chatml", "llama-2": "llama2", "ll
 OWN_VARIABLES = {"LLAMA_ARG_MODEL": "set MODEL and MODEL_FILE", "LLAMA_ARG_CTX_SIZE": "set N_CTX",
                  "LLAMA_ARG_THREADS": "set N_THREADS", "LLAMA_ARG_N_PARALLEL": "set PARALLEL",
                  "LLAMA_ARG_ALIAS": "set MODEL_ALIAS", "LLAMA_ARG_PORT": "set PORT",
-                 "LLAMA_ARG_HOST": "leave it: the container listens on 0.0.0.0",
+                 "LLAMA_ARG_HOST": "leave it: llama-server listens on 127.0.0.1, behind the front on PORT",
                  "LLAMA_ARG_EMBEDDINGS": "set EMBEDDING", "LLAMA_ARG_CHAT_TEMPLATE": "set CHAT_FORMAT",
                  "LLAMA_ARG_JINJA": "set CHAT_FORMAT (empty: the GGUF's template with Jinja)",
                  "LLAMA_ARG_KV_UNIFIED": "set N_CTX and PARALLEL (each slot gets N_CTX)",
                  "LLAMA_ARG_CACHE_RAM": "leave it: the prompt cache is sized to fit memory (docs/en/configuration.md)",
                  "LLAMA_ARG_FIT": "leave it: N_CTX and PARALLEL are sized to fit memory before the start",
                  "LLAMA_ARG_OFFLINE": "leave it: the engine never downloads",
-                 "LLAMA_ARG_ENDPOINT_METRICS": "leave it: /metrics is always on",
+                 "LLAMA_ARG_ENDPOINT_METRICS": "leave it: the front on PORT serves /metrics",
                  "LLAMA_ARG_UI": "leave it: the web UI is not in the image",
                  "LLAMA_API_KEY": "set API_KEY", "LLAMA_ARG_API_KEY_FILE": "set API_KEY",
                  "LLAMA_ARG_API_PREFIX": "leave it: /health, /v1 and the probes are at the root",
-                 "LLAMA_ARG_ENDPOINT_SLOTS": "leave it: a stop waits for answers in flight through /slots",
                  "LLAMA_ARG_SSL_KEY_FILE": "leave it: the container speaks HTTP (node-api and the ingress add TLS)",
                  "LLAMA_ARG_SSL_CERT_FILE": "leave it: the container speaks HTTP (node-api and the ingress add TLS)"}
 API_KEY_VARIABLE = "LLAMA_API_KEY"  # llama-server reads its key here too (not a LLAMA_ARG_* name)
@@ -140,7 +139,7 @@ def command(config, model_path: Path, model: ModelFacts, port: int | str) -> lis
             "--threads", config["N_THREADS"], "--threads-batch", config["N_THREADS_BATCH"],
             "--cache-ram", str(cache_mib),
             "--fit", "off",  # never shrink what was asked for behind the user's back
-            "--offline", "--metrics", "--no-webui"]
+            "--offline", "--no-webui"]
     if config["CHAT_FORMAT"]:
         args += ["--no-jinja", "--chat-template", chat_template(config["CHAT_FORMAT"])]
     else:
