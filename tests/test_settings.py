@@ -169,8 +169,8 @@ def test_llama_server_takes_its_own_variables_and_the_shared_settings(tmp_path):
     ("llama-server", {"CHAT_FORMAT": "functionary"}, "CHAT_FORMAT='functionary' has no equivalent in llama-server"),
     ("localllm", {"PARALLEL": "4"}, "PARALLEL='4' is a setting of ENGINE=llama-server"),
     ("llama-server", {"LLAMA_API_KEY": "k"}, "LLAMA_API_KEY is set by the image from its own settings: set API_KEY"),
-    ("llama-server", {"LLAMA_ARG_ENDPOINT_METRICS": "0"}, "LLAMA_ARG_ENDPOINT_METRICS is set by the image: leave "
-                                                          "it: the front on PORT serves /metrics"),
+    ("llama-server", {"LLAMA_ARG_ENDPOINT_METRICS": "0"}, "LLAMA_ARG_ENDPOINT_METRICS is set by the image from its "
+                                                          "own settings: leave it: the front on PORT serves /metrics"),
     ("llama-server", {"PARALLEL": "many"}, "PARALLEL='many' is not valid: expected a whole number from 1 to 256, "
                                            "or empty for automatic"),
     ("LLAMA-SERVER", {}, "ENGINE='LLAMA-SERVER' is not valid: expected localllm or llama-server"),
