@@ -11,7 +11,6 @@ import time
 
 import httpx2
 import openai
-import pytest
 
 from conftest import ALIAS, ROOT
 
@@ -37,17 +36,6 @@ def metrics(server) -> dict[str, float]:
 
 def grew(before: dict, after: dict, sample: str) -> float:
     return after.get(sample, 0.0) - before.get(sample, 0.0)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, pulled_home, engine):
-    from conftest import launch
-    entrypoint = launch(tmp_path_factory.mktemp("operate"), pulled_home, engine)
-    try:
-        entrypoint.wait_ready()
-        yield entrypoint
-    finally:
-        entrypoint.close()
 
 
 def test_health_is_503_while_the_model_loads_then_200(start_server, engine, report):

@@ -14,6 +14,8 @@ import httpx2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..server import HEALTH_PATH
+from ..server.client import ClientGone, read_body
+from ..server.translate import BadRequest
 from . import log
 from .metrics import Metrics
 
@@ -23,7 +25,6 @@ MODEL_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embedd
                           "/completions", "/chat/completions", "/embedding", "/embeddings", "/infill",
                           "/rerank", "/v1/rerank", "/reranking"})
 LABELLED_ROUTES = MODEL_ROUTES | {"/v1/models", HEALTH_PATH, METRICS_PATH}  # others count as "other"
-MAX_BODY_BYTES = 16 << 20  # as the localllm engine's guard: far above any prompt that fits a context
 CLIENT_LEFT = 499  # logged and counted for a request whose client left before any answer (nginx's code)
 HEALTH_TIMEOUT = 2.0  # an engine that does not answer its own /health this fast is not answering
 # Not passed on, either way: hop-by-hop headers, the length of a body the front may change,
@@ -142,12 +143,12 @@ class Front:
     async def forward(self, scope, receive, send, rid: str, started: float, measure: bool) -> None:
         """Pass the request to the engine and its answer back as it comes. A client that
         leaves closes the engine's connection, which stops the generation there."""
-        body = await read_body(receive)
-        if body is None:
-            return  # the client left while sending
-        if len(body) > MAX_BODY_BYTES:
-            message = f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB"
-            return await respond(send, 413, error_body(message, "invalid_request_error"))
+        try:
+            body = await read_body(receive)  # bounded as the localllm engine's guard bounds it
+        except ClientGone:
+            return
+        except BadRequest as too_large:
+            return await respond(send, too_large.status, too_large.body())
         answer = Answer(self.metrics, scope["path"], started) if measure else None
         if answer is not None:
             body = answer.read_request(body, self.settings.add_usage)
@@ -281,19 +282,6 @@ def parse_json(data: bytes):
         return json.loads(data)
     except ValueError:
         return None
-
-
-async def read_body(receive) -> bytes | None:
-    """The whole request body (up to just over the limit), or None when the client left."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if not message.get("more_body") or size > MAX_BODY_BYTES:
-            return b"".join(chunks)
 
 
 def error_body(message: str, kind: str) -> bytes:
