@@ -25,6 +25,8 @@ MODEL_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embedd
                           "/completions", "/chat/completions", "/embedding", "/embeddings", "/infill",
                           "/rerank", "/v1/rerank", "/reranking"})
 LABELLED_ROUTES = MODEL_ROUTES | {"/v1/models", HEALTH_PATH, METRICS_PATH}  # others count as "other"
+# Probes and scrapes come every few seconds: counted in /metrics, but no access line.
+QUIET_ROUTES = frozenset({HEALTH_PATH, METRICS_PATH})
 CLIENT_LEFT = 499  # logged and counted for a request whose client left before any answer (nginx's code)
 HEALTH_TIMEOUT = 2.0  # an engine that does not answer its own /health this fast is not answering
 # Not passed on, either way: hop-by-hop headers, the length of a body the front may change,
@@ -89,8 +91,9 @@ class Front:
         finally:
             route = path if path in LABELLED_ROUTES else "other"
             self.metrics.requests.labels(route, str(status[0])).inc()
-            client = scope.get("client") or ("-", 0)
-            log.access(f"{client[0]}:{client[1]}", method, path, status[0], time.monotonic() - started, rid)
+            if path not in QUIET_ROUTES:
+                client = scope.get("client") or ("-", 0)
+                log.access(f"{client[0]}:{client[1]}", method, path, status[0], time.monotonic() - started, rid)
 
     async def lifespan(self, receive, send) -> None:
         while True:
