@@ -187,10 +187,12 @@ class Supervisor:
             self.relay = relay_lines(server.stdout, self.recent)
             return self.watch({server.pid})
         starter = subprocess.Popen(self.command, env=self.env)
-        while (status := starter.poll()) is None and self.stop_signal is None:
+        while (status := starter.poll()) is None and self.stop_signal is None and self.front.poll() is None:
             time.sleep(0.05)
         if self.stop_signal is not None:
             return self.stop()
+        if self.front.poll() is not None:  # it could not take PORT, say: no use loading the model
+            return self.front_died(self.front.returncode)
         if status != 0:
             reason = self.start_error.read_text().strip() if self.start_error.exists() else ""
             click.echo(f"error: {reason}" if reason else f"error: `llm run` failed with status {status} "
@@ -211,14 +213,12 @@ class Supervisor:
                 if pid in server or pid == self.front.pid:
                     code = os.waitstatus_to_exitcode(status)
                     if pid == self.front.pid:
-                        reason = None
-                        click.echo(f"error: the front on PORT (pid {pid}) exited with status {code}", err=True)
-                    else:
-                        if self.relay is not None:
-                            self.relay.join(2)  # its last lines, which may say why
-                        reason = self.explain(list(self.recent)) if self.explain else None
-                        click.echo(f"error: {reason}" if reason else
-                                   f"error: the model server (pid {pid}) exited with status {code}", err=True)
+                        return self.front_died(code)
+                    if self.relay is not None:
+                        self.relay.join(2)  # its last lines, which may say why
+                    reason = self.explain(list(self.recent)) if self.explain else None
+                    click.echo(f"error: {reason}" if reason else
+                               f"error: the model server (pid {pid}) exited with status {code}", err=True)
                     signal_tree(signal.SIGKILL)
                     return 1
             if not descendants():  # not adopted (no subreaper) and gone
@@ -226,6 +226,13 @@ class Supervisor:
                 return 1
             time.sleep(0.2)
         return self.stop()
+
+    def front_died(self, code: int) -> int:
+        """The port is the front's: without it the container cannot answer, so it ends."""
+        click.echo(f"error: the front on PORT (pid {self.front.pid}) exited with status {code} "
+                   "(see the lines above)", err=True)
+        signal_tree(signal.SIGKILL)
+        return 1
 
     def stop(self) -> int:
         """The front drains (up to STOP_TIMEOUT - 3 s, as uvicorn's graceful shutdown), then

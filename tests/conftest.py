@@ -109,7 +109,7 @@ def launch(folder: Path, hf_home: Path, engine: str, prefix: tuple[str, ...] = (
            model_env: dict[str, str] | None = None, **settings: str) -> ServerProcess:
     """Start `entrypoint.py serve` with ENGINE=`engine` on a pulled cache, offline, as the
     image would; `prefix` is a command to start it under, `model_env` replaces model.env's lines."""
-    port = free_port()
+    port = int(settings.pop("PORT")) if "PORT" in settings else free_port()
     lines = model_env if model_env is not None else dict(MODEL=REPO, MODEL_QUANT="Q4_K_M", CHAT_FORMAT="gemma",
                                                          N_CTX="2048")
     env_file = write_model_env(folder / f"model-{port}.env", **lines)

@@ -129,6 +129,19 @@ def test_server_death_makes_the_entrypoint_exit_nonzero(start_server, engine, di
     assert entrypoint.leftovers() == []
 
 
+def test_a_port_already_taken_ends_the_start_at_once_saying_so(start_server):
+    """The front cannot take PORT: the entrypoint says so and exits 1 without loading the model."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        entrypoint = start_server(PORT=str(taken.getsockname()[1]))
+        assert entrypoint.proc.wait(60) == 1, entrypoint.output()
+    assert "address already in use" in entrypoint.output()
+    assert entrypoint.lines[-1].startswith("error: the front on PORT (pid ") and "Traceback" not in entrypoint.output()
+    assert "Running " not in entrypoint.output() and "listening on" not in entrypoint.output()
+    assert entrypoint.leftovers() == []
+
+
 def test_run_time_environment_overrides_model_env(start_server):
     entrypoint = start_server(MODEL_ALIAS="my-model", N_CTX="1024")
     entrypoint.wait_ready()
