@@ -26,32 +26,24 @@ RUN apt-get update \
 # volume provides (see docs); nothing of it stays in the image.
 ARG PIP_CERT=
 COPY requirements/image.txt /tmp/requirements.txt
-# llama-cpp-python from source with GGML_NATIVE=OFF: the image must not die with
-# "illegal instruction" on a CPU older than the build machine's.
+# llama-cpp-python's Python code only (LLAMA_BUILD=OFF): llama.cpp itself is built
+# once below, for both engines, and loaded through LLAMA_CPP_LIB_PATH.
 RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
     && python3 -m venv /opt/venv \
-    && CMAKE_ARGS="-DGGML_NATIVE=OFF" /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+    && CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" /opt/venv/bin/pip install --no-cache-dir \
+        -r /tmp/requirements.txt
 
-# One image, fast on every x86-64 CPU: llama.cpp's CPU backend built again for
-# AVX-512 and AVX-512 VNNI (Ice Lake, DataSphere's c1.x), from the sources the
-# pinned sdist vendors; the entrypoint loads the best build the CPU supports.
-COPY scripts/cpu-levels.sh /tmp/cpu-levels.sh
+# llama.cpp from the sources the pinned sdist vendors, with this repository's patches
+# to its server (scripts/llama-server-*.patch): the libraries both engines load,
+# llama-server, and llama.cpp's CPU variants (x64 to Sapphire Rapids and Zen 4), of
+# which the entrypoint loads the best for the CPU it runs on.
+COPY scripts/build-llama-cpp.sh scripts/llama-server-*.patch /tmp/llama-cpp-build/
 RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
     && /opt/venv/bin/pip download --no-cache-dir --no-deps --no-binary llama-cpp-python -d /tmp/sdist \
         "$(grep '^llama-cpp-python==' /tmp/requirements.txt)" \
     && tar -xzf /tmp/sdist/llama_cpp_python-*.tar.gz -C /tmp/sdist \
-    && /tmp/cpu-levels.sh /tmp/sdist/llama_cpp_python-*/vendor/llama.cpp \
-        /opt/venv/lib/python3.11/site-packages/llama_cpp/lib /opt/llama-cpu \
-    && mv /tmp/sdist/llama_cpp_python-*/vendor/llama.cpp /tmp/llama.cpp \
-    && rm -rf /tmp/sdist
-
-# The second engine (ENGINE=llama-server): llama.cpp's own server from the same
-# sources, with this repository's patches (scripts/llama-server-*.patch). Only its
-# own files are kept; llama.cpp's libraries come from the CPU level folder at run
-# time, so both engines run the same llama.cpp build for the CPU.
-COPY scripts/build-llama-server.sh scripts/llama-server-*.patch /tmp/llama-server-build/
-RUN /tmp/llama-server-build/build-llama-server.sh /tmp/llama.cpp /opt/llama-server \
-    && rm -rf /tmp/llama.cpp /tmp/llama-server-build
+    && /tmp/llama-cpp-build/build-llama-cpp.sh /tmp/sdist/llama_cpp_python-*/vendor/llama.cpp /opt/llama.cpp \
+    && rm -rf /tmp/sdist /tmp/llama-cpp-build
 
 # localllm is not on PyPI: installed from git at a fixed commit (the last one).
 # Tests pass a local stand-in here; keep the default for real images.
@@ -76,11 +68,11 @@ RUN apt-get update \
     && mkdir -p /opt/models \
     && chown llm:llm /opt/models
 COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /opt/llama-cpu /opt/llama-cpu
-# Without llama.cpp's libraries: the entrypoint sets LD_LIBRARY_PATH to a level folder.
-COPY --from=builder /opt/llama-server /opt/llama-server
-ENV PATH=/opt/venv/bin:/opt/llama-server:$PATH \
-    CPU_LEVELS_DIR=/opt/llama-cpu \
+COPY --from=builder /opt/llama.cpp /opt/llama.cpp
+# llama-cpp-python loads llama.cpp from LLAMA_CPP_LIB_PATH (and mtmd from MTMD_CPP_LIB).
+ENV PATH=/opt/venv/bin:/opt/llama.cpp:$PATH \
+    LLAMA_CPP_LIB_PATH=/opt/llama.cpp \
+    MTMD_CPP_LIB=/opt/llama.cpp \
     HF_HOME=/opt/models \
     HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONUNBUFFERED=1

@@ -1,9 +1,10 @@
-"""What the benchmark builds from the pinned llama-cpp-python sdist's llama.cpp sources
-(the CPU level folders, made by scripts/cpu-levels.sh as the image's build makes them,
-and llama.cpp's own llama-bench), kept in CACHE and reused; and the log they write to.
+"""What the benchmarks build from the pinned llama-cpp-python sdist's llama.cpp sources
+(llama.cpp as the image builds it, with llama-bench; and llama-bench for -march=native),
+kept in CACHE and reused; and the log they write to.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -17,7 +18,6 @@ from pathlib import Path
 from testkit.environment import ROOT
 
 CACHE = Path.home() / ".cache" / "localllm-bench"
-LEVELS = ["avx2", "avx512", "avx512_vnni", "native"]
 BUILD_DEADLINE = 3600  # seconds
 
 
@@ -71,39 +71,34 @@ def llama_cpp_source() -> Path:
     return folder / "vendor/llama.cpp"
 
 
-def level_flags() -> dict[str, list[str]]:
-    """cmake flags per CPU level, read from scripts/cpu-levels.sh: one copy of them."""
-    text = (ROOT / "scripts/cpu-levels.sh").read_text()
-    return {m[1]: m[2].split() for m in re.finditer(r'^\s*(\w+)\) flags="([^"]*)"', text, re.M)}
-
-
-def build_levels(source: Path) -> Path:
-    """One library folder per CPU level, made by scripts/cpu-levels.sh (as the image's build)."""
-    import llama_cpp
-    wheel_lib = Path(llama_cpp.__file__).parent / "lib"
-    out = CACHE / "levels"
-    for level in LEVELS:
-        if (out / level / "libllama.so").exists():
-            continue
-        staging = CACHE / "levels.partial"  # a folder appears under `out` only when complete
+def use_llama_cpp(source: Path) -> Path:
+    """llama.cpp as the image builds it (scripts/build-llama-cpp.sh: its libraries, llama-server,
+    the CPU variants), plus llama-bench, built once into CACHE; then named in this process's
+    environment as the image's ENV names it, so the entrypoint's functions, its servers and
+    `import llama_cpp` here all load it. Call before anything imports llama_cpp."""
+    stamp = hashlib.sha256(b"".join(path.read_bytes() for path in sorted((ROOT / "scripts").glob("*")))).hexdigest()
+    out = CACHE / f"llama.cpp-{stamp[:12]}"
+    if not (out / "llama-bench").exists():
+        staging = out.with_name(out.name + ".partial")  # the folder appears only when complete
         shutil.rmtree(staging, ignore_errors=True)
-        run_step(f"level-{level}", ["sh", ROOT / "scripts/cpu-levels.sh", source, wheel_lib, staging, level],
+        run_step("llama.cpp", ["sh", ROOT / "scripts/build-llama-cpp.sh", source, staging, "llama-bench"],
                  BUILD_DEADLINE)
-        out.mkdir(parents=True, exist_ok=True)
-        (staging / level).rename(out / level)
-        shutil.rmtree(staging)
+        staging.rename(out)
+    os.environ.update(LLAMA_CPP_LIB_PATH=str(out), MTMD_CPP_LIB=str(out),
+                      PATH=os.pathsep.join([str(out), os.environ.get("PATH", "")]))
     return out
 
 
-def build_llama_bench(source: Path, level: str) -> Path:
-    """llama.cpp's llama-bench from the same sources, for the level the entrypoint chose."""
-    build = CACHE / f"llama-bench-{level}"
+def native_llama_bench(source: Path) -> Path:
+    """llama-bench built with -march=native for this machine (GGML_NATIVE, no CPU variants):
+    what the image's portable variants are measured against."""
+    build = CACHE / "llama-bench-native"
     binary = build / "bin" / "llama-bench"
     if not binary.exists():
-        run_step("llama-bench-configure", [
+        run_step("native-configure", [
             "cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
-            "-DGGML_NATIVE=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
-            "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF", *level_flags()[level]], 900)
-        run_step("llama-bench-build", ["cmake", "--build", build, "--target", "llama-bench",
-                                       f"-j{os.cpu_count()}"], BUILD_DEADLINE)
+            "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"], 900)
+        run_step("native-build", ["cmake", "--build", build, "--target", "llama-bench", f"-j{os.cpu_count()}"],
+                 BUILD_DEADLINE)
     return binary

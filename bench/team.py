@@ -3,11 +3,10 @@
 and each asks T questions in turn, sending the whole conversation each time as a chat UI
 does; and one user alone, against llama.cpp's own `llama-bench`.
 
-    PATH=$(ls -d ~/.cache/localllm-tests/llama-server-* | tail -1):$PATH \\
-        ~/.cache/localllm-tests/venv/bin/python -m bench.team [--users 4] [--turns 3] [--reps 3] \\
+    ~/.cache/localllm-tests/venv/bin/python -m bench.team [--users 4] [--turns 3] [--reps 3] \\
         [--threads N] [--nice -10] [--write-docs]
 
-(`tests/run` builds llama-server into ~/.cache/localllm-tests/llama-server-*.) About 7
+(The first run builds llama.cpp as the image does, into ~/.cache/localllm-bench.) About 7
 minutes on 2 quiet cores; on a busy shared machine, `--nice -10` (as root) and `--threads 1`
 keep other jobs from deciding the result (see the docs' "How it is measured").
 
@@ -34,7 +33,6 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import signal
 import statistics
 import sys
@@ -47,15 +45,14 @@ from testkit.environment import ROOT
 from testkit.server import OPENER, ServerProcess
 
 from . import quiet
-from .builds import CACHE, build_levels, build_llama_bench, llama_cpp_source, log
+from .builds import CACHE, llama_cpp_source, log, use_llama_cpp
 from .loadtest import httpx, percentile
 from .performance import (FILE, FILLER, N_CTX, PP_TOKENS, READY_DEADLINE, REPO, STORY, TG_TOKENS, measure_pp,
                           measure_tg, next_lead, pull_model, run_llama_bench, start_server)
 from .performance_results import machine
 from .quiet import undisturbed
 
-COMMAND = ("PATH=$(ls -d ~/.cache/localllm-tests/llama-server-* | tail -1):$PATH "
-           "~/.cache/localllm-tests/venv/bin/python -m bench.team")
+COMMAND = "~/.cache/localllm-tests/venv/bin/python -m bench.team"
 ENGINES = ("localllm", "llama-server")
 PLACES = CACHE / "team"  # a folder per model: its model.env and hub cache
 # Targets of issue 12 (llama-server against localllm, and against llama-bench).
@@ -323,7 +320,7 @@ def served(model: Model, engine: str, args):
         server.close()
 
 
-def measure(args, chosen: list[Model], threads: int, bench: Path) -> dict:
+def measure(args, chosen: list[Model], threads: int, bench: Path, bench_env: dict[str, str]) -> dict:
     """Every repetition: one user alone on the first model with localllm, llama-bench, one user
     with llama-server (each engine next to the llama-bench run it is compared with); then the
     team on each model, localllm then llama-server."""
@@ -336,7 +333,8 @@ def measure(args, chosen: list[Model], threads: int, bench: Path) -> dict:
         for name in ("localllm", "llama-bench", "llama-server") if args.single else ():
             log(f"repetition {rep + 1}/{args.reps}: one user, {name}")
             if name == "llama-bench":
-                single_runs[name].append(undisturbed(lambda: run_llama_bench(bench, first.path, threads)))
+                single_runs[name].append(undisturbed(lambda: run_llama_bench(bench, first.path, threads,
+                                                                             bench_env)))
                 continue
             with served(first, name, args) as (server, alias):
                 single_runs[name].append(undisturbed(lambda: SINGLE[name](server, alias, bans[first.key]),
@@ -414,35 +412,29 @@ def measuring_options(argv: list[str]) -> list[str]:
 
 
 def run(args) -> dict:
+    use_llama_cpp(llama_cpp_source())  # llama-server on PATH, and what `import llama_cpp` loads
     import llama_cpp
-    if not shutil.which("llama-server"):
-        raise SystemExit("bench.team: no llama-server on PATH: put the folder tests/run builds it into on PATH "
-                         "(~/.cache/localllm-tests/llama-server-*), as in the command of this module's docstring")
     chosen = models(args.models)
-    source = llama_cpp_source()
-    if args.cpu_levels:
-        build_levels(source)
-    os.environ["CPU_LEVELS_DIR"] = str(CACHE / "levels")  # what the entrypoint's functions read (as its servers)
-    level, level_why = cpu.choose_cpu_level("")
+    level, level_why = cpu.choose_cpu_variant("")
     auto_threads, threads_why = resources.available_cpus()
     threads = args.threads or auto_threads
-    bench = build_llama_bench(source, level) if args.single else None
+    bench = Path(os.environ["LLAMA_CPP_LIB_PATH"]) / "llama-bench"
     n_ctx = context_size(len(PREAMBLE) // 3 + args.turns * (40 + args.answer_tokens))
     for m in chosen:
         pull_model(m.path, m.repo, m.file, PLACES / m.key, MODEL=m.repo, MODEL_QUANT="Q4_K_M", N_CTX=str(n_ctx),
                    **({"CHAT_FORMAT": m.chat_format} if m.chat_format else {}))
-    log(f"CPU level {level} ({level_why}); {threads} threads (automatic: {auto_threads}, {threads_why}); N_CTX {n_ctx}")
+    log(f"CPU variant {level} ({level_why}); {threads} threads (automatic: {auto_threads}, {threads_why}); N_CTX {n_ctx}")
     quiet.QUIET_BUDGET = args.quiet_budget
     load = [os.getloadavg()[0]]
     started = time.monotonic()
-    samples = measure(args, chosen, threads, bench)
+    samples = measure(args, chosen, threads, bench, cpu.backend_environ(level))
     load.append(os.getloadavg()[0])
     others = [r["others"] for runs in samples["team"].values() for rs in runs.values() for r in rs]
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([COMMAND, *measuring_options(sys.argv[1:])]), "machine": machine(), "load_average": load,
         "minutes": (time.monotonic() - started) / 60, "llama_cpp_python": llama_cpp.__version__,
-        "threads": {"used": threads, "set": bool(args.threads), "auto": auto_threads, "why": threads_why}, "cpu_level": {"auto": level, "why": level_why},
+        "threads": {"used": threads, "set": bool(args.threads), "auto": auto_threads, "why": threads_why}, "cpu_variant": {"auto": level, "why": level_why},
         "n_ctx": n_ctx, "workload": {"users": args.users, "turns": args.turns, "answer_tokens": args.answer_tokens,
                                      "reps": args.reps, "parallel": args.parallel or "automatic",
                                      "nice": os.nice(0)},
@@ -469,9 +461,6 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--parallel", type=int, default=0, help="PARALLEL for llama-server (default: automatic)")
     parser.add_argument("--no-single", dest="single", action="store_false",
                         help="skip the one-user measurements and llama-bench")
-    parser.add_argument("--cpu-levels", action="store_true",
-                        help="build the image's CPU level folders (as bench.performance) and serve the best one; "
-                             "without, the servers use them only when already built, else llama-cpp-python's own")
     parser.add_argument("--deadline", type=float, default=900, help="seconds for one team run (default 900)")
     parser.add_argument("--quiet-budget", type=float, default=300,
                         help="seconds in all to wait for other jobs to leave the CPUs alone (default 300)")

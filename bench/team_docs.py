@@ -14,7 +14,7 @@ TEXT = {
         "intro": ("Measured with `bench/team.py` on {date} on **{cpu}** ({cpus} CPUs; flags that matter: "
                   "{flags}{missing}), llama-cpp-python {version}; both engines started by `entrypoint.py serve` "
                   "(`ENGINE=localllm`, `ENGINE=llama-server`) on the same model file, with the same threads "
-                  "({threads}: {threads_why}) and CPU level `{level}`, N_CTX {n_ctx} per conversation; llama-server with "
+                  "({threads}: {threads_why}) and CPU variant `{level}`, N_CTX {n_ctx} per conversation; llama-server with "
                   "PARALLEL {parallel} ({slots} slots). {users} users start together; each asks {turns} questions in "
                   "turn, sending the whole conversation (the team's notes, about 600 tokens, opening the first "
                   "question, then the questions and answers so far; {context} tokens at the first question) as a chat UI does, and asks the next "
@@ -97,7 +97,7 @@ TEXT = {
         "intro": ("Измерено скриптом `bench/team.py` {date} на **{cpu}** ({cpus} CPU; важные флаги: "
                   "{flags}{missing}), llama-cpp-python {version}; оба движка запущены через `entrypoint.py serve` "
                   "(`ENGINE=localllm`, `ENGINE=llama-server`) на одном файле модели, с одинаковым числом потоков "
-                  "({threads}: {threads_why}) и уровнем CPU `{level}`, N_CTX {n_ctx} на разговор; у llama-server "
+                  "({threads}: {threads_why}) и вариантом CPU `{level}`, N_CTX {n_ctx} на разговор; у llama-server "
                   "PARALLEL {parallel} (слотов: {slots}). Пользователи (их {users}) начинают одновременно; каждый задаёт по "
                   "очереди вопросы (всего {turns}) и каждый раз отправляет весь разговор (заметки команды, около 600 "
                   "токенов, в начале первого вопроса, затем прежние вопросы и ответы; в первом вопросе токенов: "
@@ -243,7 +243,7 @@ def render_section(result: dict, lang: str) -> str:
         missing=text["missing"].format(", ".join(m["missing_flags"])) if m["missing_flags"] else "",
         version=result["llama_cpp_python"], threads=result["threads"]["used"],
         threads_why=(text["threads_set"].format(result["threads"]["auto"]) if result["threads"]["set"]
-                     else text["threads_auto"].format(result["threads"]["why"])), level=result["cpu_level"]["auto"], n_ctx=result["n_ctx"],
+                     else text["threads_auto"].format(result["threads"]["why"])), level=result["cpu_variant"]["auto"], n_ctx=result["n_ctx"],
         parallel=text["automatic"] if w["parallel"] == "automatic" else w["parallel"],
         slots=re.search(r"in each of (\d+) slots", slots)[1],
         users=w["users"], turns=w["turns"], context=round(first["llama-server"]["prompt_tokens_turn1"]),

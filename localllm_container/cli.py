@@ -17,6 +17,7 @@ from . import check as node_check
 from . import llama_server
 from .cache import check_model_file, files_to_serve, cached_path, llm, pull_files, record_key, record_path, \
     recorded_files
+from .cpu import slow_variant_warning
 from .errors import UserError
 from .model import model_facts
 from .server import HEALTH_PATH
@@ -94,8 +95,10 @@ def serve() -> None:
                       "--verbose", "--log-config", str(log_config))
         explain = None
     engine, slots = ("llama-server, ", f" in each of {cfg['PARALLEL']} slots") if direct else ("", "")
+    if warning := slow_variant_warning(cfg["CPU_LEVEL"]):
+        click.echo(warning, err=True)
     click.echo(f"Serving {cfg['MODEL']} ({first}) as {cfg['MODEL_ALIAS']!r} on port {cfg['PORT']} with {engine}"
-               f"{cfg['N_THREADS']} threads, context {cfg['N_CTX']}{slots}, {cfg['CPU_LEVEL']} build, "
+               f"{cfg['N_THREADS']} threads, context {cfg['N_CTX']}{slots}, CPU variant {cfg['CPU_LEVEL']}, "
                f"up to {cfg['MAX_QUEUE']} waiting; the engine on 127.0.0.1:{backend}")
     env = server_env(cfg, dict(os.environ))
     sys.stdout.flush()

@@ -1,9 +1,17 @@
-"""The CPU's features (from CPUID itself) and the choice of the llama.cpp build
-(CPU level) to load. Refuses, with one line, a machine the image cannot run on,
-before anything imports llama_cpp (which would die with SIGILL instead).
+"""Which of llama.cpp's CPU backend variants the engine loads.
+
+The image builds llama.cpp with GGML_BACKEND_DL and GGML_CPU_ALL_VARIANTS
+(scripts/build-llama-cpp.sh): one libggml-cpu-NAME.so per CPU family, in the `cpu`
+folder of LLAMA_CPP_LIB_PATH. Each variant's own `ggml_backend_score` (compiled
+without its family's instructions, so safe to call anywhere) is 0 on a CPU that
+lacks what it needs, else higher the more it uses; the best is the one llama.cpp's
+`ggml_backend_load_all` would load. The choice goes to both engines as
+GGML_BACKEND_PATH: llama-server loads it itself; llama-cpp-python never loads a
+backend (abetlen/llama-cpp-python#2069), so server/patches.py does, before the model.
 """
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import os
 import platform
@@ -11,84 +19,69 @@ from pathlib import Path
 
 from .errors import UserError
 
-
-# What each folder's libggml-cpu.so was compiled for (scripts/cpu-levels.sh), best first.
-AVX2 = {"avx", "avx2", "fma", "f16c", "bmi2"}
-AVX512 = AVX2 | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
-CPU_LEVELS = {"avx512_vnni": AVX512 | {"avx512vbmi", "avx512_vnni"}, "avx512": AVX512, "avx2": AVX2}
-# CPUID bits: (leaf, subleaf, register index eax=0 ebx=1 ecx=2 edx=3, bit)
-CPUID_BITS = {"fma": (1, 0, 2, 12), "avx": (1, 0, 2, 28), "f16c": (1, 0, 2, 29), "avx2": (7, 0, 1, 5),
-              "bmi2": (7, 0, 1, 8), "avx512f": (7, 0, 1, 16), "avx512dq": (7, 0, 1, 17),
-              "avx512cd": (7, 0, 1, 28), "avx512bw": (7, 0, 1, 30), "avx512vl": (7, 0, 1, 31),
-              "avx512vbmi": (7, 0, 2, 1), "avx512_vnni": (7, 0, 2, 11)}
+PREFIX, SUFFIX = "libggml-cpu-", ".so"
+# The names of the image's own CPU levels before llama.cpp's variants (same instructions).
+FORMER_NAMES = {"avx2": "haswell", "avx512": "skylakex", "avx512_vnni": "icelake"}
+# Variants below haswell lack AVX2: they run, several times slower.
+WITHOUT_AVX2 = {"x64", "sse42", "sandybridge", "ivybridge", "piledriver"}
 
 
-def installed_cpu_levels() -> list[str]:
-    """Level folders the image holds (CPU_LEVELS_DIR); none outside the image."""
-    root = Path(os.environ.get("CPU_LEVELS_DIR", "/nonexistent"))
-    return sorted(p.name for p in root.glob("*") if (p / "libllama.so").exists())
+def variant_files() -> dict[str, Path]:
+    """The variants this installation holds, by name."""
+    folder = Path(os.environ.get("LLAMA_CPP_LIB_PATH", "/nonexistent")) / "cpu"
+    return {p.name[len(PREFIX):-len(SUFFIX)]: p for p in sorted(folder.glob(f"{PREFIX}*{SUFFIX}"))}
 
 
-def cpu_features() -> set[str]:
-    """x86 features from the CPUID instruction itself, with XGETBV for the OS's
-    support of the AVX and AVX-512 registers. /proc/cpuinfo is not enough: under
-    qemu-user it describes the host, not the emulated CPU."""
-    import mmap
-    # cpuid(leaf, subleaf, uint32 out[4]) and xgetbv(index) -> uint64, x86-64 System V
-    cpuid_code = bytes.fromhex("5389f889f14989d00fa241890041895804418948084189500c5bc3")
-    xgetbv_code = bytes.fromhex("89f90f01d048c1e2204809d0c3")
-    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    page.write(cpuid_code + xgetbv_code)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(page))
-    cpuid = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32 * 4))(base)
-    xgetbv = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint32)(base + len(cpuid_code))
-
-    def regs(leaf, subleaf):
-        out = (ctypes.c_uint32 * 4)()
-        cpuid(leaf, subleaf, ctypes.byref(out))
-        return list(out)
-
-    max_leaf = regs(0, 0)[0]
-    found = {name for name, (leaf, sub, reg, bit) in CPUID_BITS.items()
-             if leaf <= max_leaf and regs(leaf, sub)[reg] >> bit & 1}
-    osxsave = regs(1, 0)[2] >> 27 & 1
-    xcr0 = xgetbv(0) if osxsave else 0
-    if xcr0 & 0x6 != 0x6:  # the OS does not save the AVX registers
-        found -= AVX512 | {"avx", "avx2", "fma", "f16c"}
-    if xcr0 & 0xE0 != 0xE0:  # nor the AVX-512 ones
-        found -= AVX512 - AVX2 | {"avx512vbmi", "avx512_vnni"}
-    del cpuid, xgetbv
-    return found
-
-
-def supported_cpu_features() -> set[str]:
-    """The CPU's features, once it is known to be one the image runs on: x86-64 (the
-    CPUID code above is x86 machine code) with AVX2 (every llama.cpp build here needs
-    it). Called before anything imports llama_cpp, which would die with SIGILL instead."""
+def check_platform() -> None:
+    """The image's llama.cpp is x86-64 code: say so, in one line, on another machine."""
     machine = platform.machine()
     if machine not in ("x86_64", "AMD64"):
         raise SystemExit(f"error: this image runs on x86-64 (linux/amd64) only; this machine is {machine}: "
                          "build and run it with --platform linux/amd64 (emulated, and slow, on Apple Silicon; "
                          "an x86-64 machine or VM is faster)")
-    features = cpu_features()
-    missing = sorted(AVX2 - features)
-    if missing:
-        raise SystemExit(f"error: this CPU lacks {', '.join(missing)}: the image needs an x86-64 CPU with AVX2 "
-                         "(Intel Haswell or AMD Zen and newer)")
-    return features
 
 
-def choose_cpu_level(wanted: str) -> tuple[str, str]:
-    """The best installed level whose instructions this CPU has, or CPU_LEVEL."""
-    features = supported_cpu_features()
-    levels = installed_cpu_levels()
+def variant_scores() -> dict[str, int]:
+    """Each variant's score on this CPU, from the variant itself (0: it cannot run here)."""
+    files = variant_files()
+    if not files:
+        raise UserError(f"no llama.cpp CPU variants in {os.environ.get('LLAMA_CPP_LIB_PATH', '(unset)')}/cpu: "
+                        "LLAMA_CPP_LIB_PATH must name a folder built by scripts/build-llama-cpp.sh (the image sets it)")
+    scores = {}
+    for name, path in files.items():
+        library = ctypes.CDLL(str(path))
+        library.ggml_backend_score.restype = ctypes.c_int
+        scores[name] = library.ggml_backend_score()
+        _ctypes.dlclose(library._handle)  # as llama.cpp does: only the engine keeps one loaded
+    return scores
+
+
+def choose_cpu_variant(wanted: str) -> tuple[str, str]:
+    """CPU_LEVEL if this CPU runs it, else the best variant for this CPU; and why."""
+    scores = variant_scores()
+    runnable = [name for name, score in sorted(scores.items(), key=lambda item: item[1]) if score]
+    if wanted in FORMER_NAMES:
+        raise UserError(f"CPU_LEVEL={wanted!r} is a former name: set CPU_LEVEL={FORMER_NAMES[wanted]} "
+                        f"(the same instructions), or leave it empty to choose automatically")
+    if wanted and wanted not in scores:
+        raise UserError(f"CPU_LEVEL={wanted!r} is not valid: expected empty (automatic) or one of "
+                        f"{', '.join(scores)}")
+    if wanted and not scores[wanted]:
+        raise UserError(f"CPU_LEVEL={wanted} needs instructions this CPU lacks: this CPU runs "
+                        f"{', '.join(runnable)}; or leave CPU_LEVEL empty to choose automatically")
     if wanted:
-        lacking = sorted(CPU_LEVELS.get(wanted, set()) - features)
-        if lacking:
-            raise UserError(f"CPU_LEVEL={wanted} needs {', '.join(lacking)}, which this CPU lacks: "
-                            "leave CPU_LEVEL empty to choose automatically")
         return wanted, "set"
-    if not levels:
-        return "avx2", "automatic: the only build installed (llama-cpp-python's own libraries)"
-    best = next(level for level in CPU_LEVELS if level in levels and CPU_LEVELS[level] <= features)
-    return best, f"automatic: the best build for this CPU (of {', '.join(levels)})"
+    return runnable[-1], f"automatic: the best for this CPU of {len(scores)} llama.cpp CPU variants"
+
+
+def slow_variant_warning(variant: str) -> str | None:
+    """A line for the log when the variant lacks AVX2 (the image runs, but slowly)."""
+    if variant in WITHOUT_AVX2:
+        return (f"warning: llama.cpp's {variant} CPU variant has no AVX2 (this CPU lacks it, or CPU_LEVEL "
+                "chose it): generation is several times slower than on a CPU with AVX2")
+    return None
+
+
+def backend_environ(variant: str) -> dict[str, str]:
+    """The engine's variables that make it load `variant` (both engines read GGML_BACKEND_PATH)."""
+    return {"GGML_BACKEND_PATH": str(variant_files()[variant])}

@@ -7,13 +7,13 @@ The supervisor runs the command as its direct child; settings decide the values.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+from .cpu import backend_environ
 from .errors import UserError
 from .model import ModelFacts, fits_in_memory
 from .server.log import load_failure
@@ -60,23 +60,14 @@ def binary() -> str:
     return found
 
 
-def library_path(cpu_level: str, levels_dir: str | None) -> str:
-    """llama.cpp's libraries for llama-server: the image's CPU level folder, the same
-    one the localllm engine loads, else llama-cpp-python's own (same sources, same sonames)."""
-    if cpu_level and levels_dir and (Path(levels_dir) / cpu_level).is_dir():
-        return str(Path(levels_dir) / cpu_level)
-    spec = importlib.util.find_spec("llama_cpp")
-    return str(Path(next(iter(spec.submodule_search_locations))) / "lib")
-
-
-def environment(environ: dict[str, str], cpu_level: str, api_key: str = "") -> dict[str, str]:
-    """llama-server's environment: the libraries of `cpu_level` (empty: llama-cpp-python's
-    own), and the API key, which on its command line anyone could read with `ps`."""
+def environment(environ: dict[str, str], cpu_variant: str, api_key: str = "") -> dict[str, str]:
+    """llama-server's environment: the CPU variant to load (empty: none, enough for --help),
+    and the API key, which on its command line anyone could read with `ps`."""
     env = dict(environ)
     if api_key:
         env[API_KEY_VARIABLE] = api_key
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [library_path(cpu_level, environ.get("CPU_LEVELS_DIR")),
-                                                           environ.get("LD_LIBRARY_PATH")]))
+    if cpu_variant:
+        env.update(backend_environ(cpu_variant))
     return env
 
 

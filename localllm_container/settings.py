@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import llama_server
-from .cpu import choose_cpu_level, installed_cpu_levels, supported_cpu_features
+from .cpu import check_platform, choose_cpu_variant
 from .errors import UserError
 from .model import CONTEXT_STEP, ModelFacts, automatic_chat_format, automatic_context, check_memory
 from .resources import available_cpus
@@ -54,7 +54,8 @@ SETTINGS = {s.name: s for s in (
     Setting("PORT", "8000", "port the server listens on"),
     Setting("STOP_TIMEOUT", "10", "seconds to wait for the server to stop before SIGKILL"),
     Setting("VERIFY_MODEL_SHA256", "false", "hash the model at start and compare with the hub's SHA-256"),
-    Setting("CPU_LEVEL", "", "llama.cpp build to load (avx2, avx512, avx512_vnni); empty = best for this CPU",
+    Setting("CPU_LEVEL", "", "llama.cpp CPU variant to load (haswell, skylakex, icelake, zen4, ...); "
+            "empty = the best for this CPU",
             auto=True),
     Setting("ENGINE", "localllm", "localllm (llm run, one request at a time) or llama-server (parallel slots)"),
     Setting("PARALLEL", "", "llama-server's slots (requests answered at once); empty = from CPUs and memory",
@@ -211,10 +212,6 @@ def validate(config: Config, server_fields: dict) -> None:
     _positive_int(config, "MAX_QUEUE", allow_empty=True, upper=100000, lower=0)
     if config["LOG_FORMAT"] not in LOG_FORMATS:
         raise UserError(f"LOG_FORMAT={config['LOG_FORMAT']!r} is not valid: expected {' or '.join(LOG_FORMATS)}")
-    levels = installed_cpu_levels()
-    if config["CPU_LEVEL"] and config["CPU_LEVEL"] not in levels:
-        raise UserError(f"CPU_LEVEL={config['CPU_LEVEL']!r} is not valid: expected empty (automatic) or one of "
-                        f"{', '.join(levels) or 'none (this installation has only the default build)'}")
     if config["VERIFY_MODEL_SHA256"].lower() not in BOOLEANS:
         raise UserError(f"VERIFY_MODEL_SHA256={config['VERIFY_MODEL_SHA256']!r} is not valid: expected true or false")
     if config["CHAT_FORMAT"]:
@@ -269,7 +266,7 @@ def resolve_runtime(config: Config, model: ModelFacts | None = None) -> None:
     if not config["MODEL_ALIAS"]:
         config.values["MODEL_ALIAS"] = re.sub(r"(?i)-gguf$", "", config["MODEL"].split("/")[1])
         config.sources["MODEL_ALIAS"] = "automatic: repo name"
-    config.values["CPU_LEVEL"], config.sources["CPU_LEVEL"] = choose_cpu_level(config["CPU_LEVEL"])
+    config.values["CPU_LEVEL"], config.sources["CPU_LEVEL"] = choose_cpu_variant(config["CPU_LEVEL"])
     if model is None:
         for name in ("N_CTX", "CHAT_FORMAT", "MAX_QUEUE") + (("PARALLEL",) if config["ENGINE"] == "llama-server"
                                                              else ()):
@@ -310,7 +307,7 @@ def load() -> Config:
     """Check the machine, load the settings and export the pass-through ones, so that
     the hub client (imported later) and localllm's children see model.env's HF_* and
     server lines, and none of them sees an empty value."""
-    supported_cpu_features()  # first: reading the settings imports llama_cpp
+    check_platform()  # first: reading the settings imports llama_cpp
     fields = server_settings()
     for name, value in list(os.environ.items()):
         if not value.strip() and (name in SETTINGS or name in fields or name.startswith("HF_")):

@@ -28,7 +28,7 @@ import click
 import psutil
 
 from . import llama_server
-from .cpu import installed_cpu_levels
+from .cpu import backend_environ
 from .server.log import START_ERROR_VARIABLE
 from .settings import ROOT, Config, answered_at_once
 
@@ -272,8 +272,7 @@ def server_env(config: Config, environ: dict[str, str]) -> dict[str, str]:
         if config[name]:
             env[name] = config[name]
     env["HF_HUB_OFFLINE"] = "1"  # the file is local now; serving must not touch the network
-    if config["CPU_LEVEL"] in installed_cpu_levels():
-        env["LLAMA_CPP_LIB_PATH"] = str(Path(os.environ["CPU_LEVELS_DIR"]) / config["CPU_LEVEL"])
+    env.update(backend_environ(config["CPU_LEVEL"]))
     # Streams in flight at a stop may finish until then; the supervisor kills at STOP_TIMEOUT - 1.5 s.
     env["UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN"] = str(max(1, int(config["STOP_TIMEOUT"]) - 3))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))  # the server package

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from localllm_container.settings import ROOT, SETTINGS, server_settings
 
-# Not settings, but they choose the model.env file and the llama.cpp build.
-CHOOSING = {"MODEL_ENV_FILE", "LLAMA_CPP_LIB_PATH"}
+# Not a setting, but it chooses the model.env file.
+CHOOSING = {"MODEL_ENV_FILE"}
 
 
 def clean_environ(**extra: str) -> dict[str, str]:

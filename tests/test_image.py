@@ -27,9 +27,12 @@ import openai
 import pytest
 
 from conftest import ALIAS, LOG_LINES, REPO, REPO_FILES, ROOT, free_port
+from cpu_variants import NEEDS, expected_variant, kernel_flags
 from localllm_container.server import HEALTH_PATH
 from testkit.hub_standin import HubStandin
 from testkit.server import processes_with_env
+
+GENERATE = Path(__file__).with_name("generate_on_cpu.py")
 
 BASE_IMAGE = "localhost/debian:bookworm-slim"
 CACHE = Path(os.environ.get("LOCALLLM_TEST_CACHE", Path.home() / ".cache/localllm-tests"))
@@ -38,7 +41,7 @@ TOKEN = "hf_build_secret_" + uuid.uuid4().hex  # must never appear in the image
 PORT = 8000
 BUILDAH_FLAKE = "sealing memfd copy: Device or resource busy"  # see ImageBuild.build
 # The model server's process in the container: its command line contains this.
-SERVER_PROCESS = {"localllm": "llama_cpp.server.app", "llama-server": "/opt/llama-server/llama-server"}
+SERVER_PROCESS = {"localllm": "llama_cpp.server.app", "llama-server": "/opt/llama.cpp/llama-server"}
 # `docker run -e` for each engine. localllm is the default: nothing set. llama-server's system_info
 # line (which CPU code llama.cpp runs) is at its trace level, 4; setting it also takes a LLAMA_ARG_*
 # variable through the image's check of names against its `llama-server --help`.
@@ -179,8 +182,8 @@ def steps(log: str) -> list[tuple[str, bool]]:
 def test_editing_model_env_reuses_the_heavy_layers(images):
     rebuilt = steps(images.rebuild_log)
     assert rebuilt, images.rebuild_log
-    heavy = [s for s in rebuilt if any(word in s[0] for word in ("pip install", "apt-get", "build-llama-server.sh"))]
-    assert any("build-llama-server.sh" in s[0] for s in heavy), heavy
+    heavy = [s for s in rebuilt if any(word in s[0] for word in ("pip install", "apt-get", "build-llama-cpp.sh"))]
+    assert any("build-llama-cpp.sh" in s[0] for s in heavy), heavy
     assert heavy and all(cached for _, cached in heavy), heavy
     pull = [s for s in rebuilt if "entrypoint.py pull" in s[0]]
     assert pull and not pull[0][1], "the pull must run again after model.env changed"
@@ -377,86 +380,17 @@ def test_server_runs_as_non_root_and_only_its_port_is_open_to_the_network(contai
     assert ("0.0.0.0", PORT) in listening and len(behind) == 1 and next(iter(behind))[0] == "127.0.0.1", listening
 
 
-def kernel_flags() -> set[str]:
-    """The CPU's features as the kernel reports them (true here: no emulation in these tests)."""
-    return set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
-
-
-AVX512_FLAGS = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
-LEVEL_FLAGS = {"avx512": AVX512_FLAGS, "avx512_vnni": AVX512_FLAGS | {"avx512vbmi", "avx512_vnni"}}
-# What llama.cpp's system_info line (`CPU : ... AVX2 = 1 | ...`) reports for each level folder's
-# libggml-cpu: the instruction sets it was compiled for, so the code that runs.
-LEVEL_CODE = {"avx2": {"AVX", "AVX2", "F16C", "FMA", "BMI2"}}
-LEVEL_CODE["avx512"] = LEVEL_CODE["avx2"] | {"AVX512"}
-LEVEL_CODE["avx512_vnni"] = LEVEL_CODE["avx512"] | {"AVX512_VBMI", "AVX512_VNNI"}
-# How each engine is told the level folder (the entrypoint sets it).
-LEVEL_VARIABLE = {"localllm": "LLAMA_CPP_LIB_PATH", "llama-server": "LD_LIBRARY_PATH"}
-
-
-def cpu_code(log: str) -> set[str]:
-    """The x86 vector instruction sets of the llama.cpp CPU build that wrote `log`: its last
-    system_info line's features at 1 (AVX..., F16C, FMA, BMI2; not SSE3 and the like, always 1)."""
-    lines = [line for line in log.splitlines() if "CPU : " in line]
-    assert lines, "no system_info line (`CPU : ...`) in the log:\n" + log[-3000:]
-    features = re.findall(r"(\w+) = (\d+)", lines[-1].split("CPU : ", 1)[1])
-    return {name for name, value in features if value == "1" and name.startswith(("AVX", "F16C", "FMA", "BMI"))}
-
-
-def test_the_best_cpu_build_for_this_machine_is_loaded(container, engine, report):
-    """The expectation from /proc/cpuinfo, not from the entrypoint's own CPUID code; what runs,
-    from llama.cpp's own system_info line in the container log."""
-    flags = kernel_flags()
-    expected = next((level for level in ("avx512_vnni", "avx512") if LEVEL_FLAGS[level] <= flags), "avx2")
+def test_the_best_cpu_variant_for_this_machine_is_loaded(container, engine, report):
+    """The expectation from /proc/cpuinfo (tests/cpu_variants.py), not from the entrypoint's
+    code; what runs, from the engine process's own memory map."""
+    expected = expected_variant(kernel_flags())
     (server,) = container.processes(SERVER_PROCESS[engine])
     environ = Path(f"/proc/{server}/environ").read_bytes().split(b"\0")
-    assert f"{LEVEL_VARIABLE[engine]}=/opt/llama-cpu/{expected}".encode() in environ
-    assert f"opt/llama-cpu/{expected}/libggml-cpu.so" in Path(f"/proc/{server}/maps").read_text()
-    assert f"{expected} build" in container.output()
-    if engine == "llama-server":  # the localllm engine's log leaves llama.cpp's load log out (see IMAGE_RUN)
-        assert cpu_code(container.output()) == LEVEL_CODE[expected]
-    report(f"image: the CPU code {engine} runs here", f"{expected} build ({', '.join(sorted(LEVEL_CODE[expected]))})")
-
-
-# argv: ENGINE [EMULATOR ...]. Chooses the level as the entrypoint does (FORCE_LEVEL overrides),
-# loads the model on it with that engine and generates 2 tokens; llama.cpp's log on stderr.
-IMAGE_RUN = """
-import json, os, subprocess, sys, time, urllib.request
-sys.path.insert(0, "/app")
-from localllm_container import cache, cpu, llama_server, settings
-engine, emulator = sys.argv[1], sys.argv[2:]
-level = os.environ.get("FORCE_LEVEL") or cpu.choose_cpu_level("")[0]
-os.environ["LLAMA_CPP_LIB_PATH"] = f"/opt/llama-cpu/{level}"  # before anything imports llama_cpp
-print("level", level, flush=True)
-config = settings.load()  # the image's model.env
-(name,) = cache.recorded_files(config)
-model = str(cache.cached_path(config["MODEL"], name))
-if engine == "localllm":
-    from llama_cpp import Llama
-    llm = Llama(model, n_ctx=64, n_threads=2, verbose=True)  # verbose: the system_info line
-    print("generated", llm.create_completion("Hello", max_tokens=2)["usage"]["completion_tokens"], flush=True)
-    sys.exit()
-# llama-server with the level folder as the entrypoint gives it, under the same emulator
-# (qemu-user runs what it was started with, not the programs that one starts)
-port = os.environ["TEST_PORT"]
-server = subprocess.Popen([*emulator, llama_server.binary(), "--model", model, "--port", port, "--ctx-size", "64",
-                           "--threads", "2", "--log-verbosity", "4"], env=llama_server.environment(dict(os.environ), level))
-deadline = time.monotonic() + 480
-while server.poll() is None and time.monotonic() < deadline:
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
-        break
-    except OSError:
-        time.sleep(0.5)
-if server.poll() is not None:  # died: its status, as a shell reports it
-    sys.exit(server.returncode if server.returncode >= 0 else 128 - server.returncode)
-try:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", b'{"prompt": "Hello", "n_predict": 2}')
-    with urllib.request.urlopen(request, timeout=120) as reply:
-        print("generated", json.load(reply)["tokens_predicted"], flush=True)
-finally:
-    server.kill()
-    server.wait()
-"""
+    assert f"GGML_BACKEND_PATH=/opt/llama.cpp/cpu/libggml-cpu-{expected}.so".encode() in environ
+    mapped = set(re.findall(r"/opt/llama\.cpp/cpu/libggml-cpu-\w+\.so", Path(f"/proc/{server}/maps").read_text()))
+    assert mapped == {f"/opt/llama.cpp/cpu/libggml-cpu-{expected}.so"}
+    assert f"CPU variant {expected}" in container.output()
+    report(f"image: the CPU variant {engine} runs here", expected)
 
 
 @pytest.fixture(scope="module")
@@ -492,47 +426,34 @@ def run_in_image(image_root, cpu: str | None, *command: str, **env: str) -> subp
 
 
 def generate_in_image(image_root, engine: str, cpu: str | None, **env: str) -> subprocess.CompletedProcess:
-    """IMAGE_RUN: the model loaded by `engine` generates, on an emulated `cpu` (None: this CPU itself)."""
-    return run_in_image(image_root, cpu, "/opt/venv/bin/python3", "-c", IMAGE_RUN, engine, *emulator(cpu),
-                        TEST_PORT=str(free_port()), **env)
+    """tests/generate_on_cpu.py in the image: the variant its entrypoint chooses loads the image's
+    model with `engine` and generates, on an emulated `cpu` (None: this CPU itself)."""
+    root, _ = image_root
+    shutil.copy(GENERATE, root / "tmp/generate_on_cpu.py")
+    (model,) = root.glob("opt/models/hub/models--*/snapshots/*/*.gguf")
+    return run_in_image(image_root, cpu, "/opt/venv/bin/python3", "/tmp/generate_on_cpu.py", engine,
+                        f"/{model.relative_to(root)}", str(free_port()), *emulator(cpu), LOCALLLM_ROOT="/app", **env)
 
 
-@pytest.mark.parametrize("level", ["avx2", "avx512", "avx512_vnni"])
-def test_llama_server_links_with_every_level_folder(image_root, level):
-    """It carries none of llama.cpp's libraries: each level folder must give all of them, with every
-    symbol it needs (ldd -r only loads and links, so this holds on any CPU)."""
-    done = run_in_image(image_root, None, "ldd", "-r", "/opt/llama-server/llama-server",
-                        LD_LIBRARY_PATH=f"/opt/llama-cpu/{level}")
-    assert done.returncode == 0 and "not found" not in done.stdout + done.stderr, done.stdout + done.stderr
-    assert "undefined symbol" not in done.stdout + done.stderr, done.stdout + done.stderr
-    for library in ("libllama.so.0", "libggml-cpu.so.0", "libmtmd.so.0"):
-        assert f"{library} => /opt/llama-cpu/{level}/{library}" in done.stdout, done.stdout
+def test_every_library_and_cpu_variant_links(image_root):
+    """llama-server and each variant find every library and symbol they need (ldd -r only loads
+    and links, so this holds on any CPU); llama-cpp-python carries no llama.cpp of its own."""
+    root, _ = image_root
+    variants = sorted(f"/{path.relative_to(root)}" for path in root.glob("opt/llama.cpp/cpu/libggml-cpu-*.so"))
+    assert len(variants) == len(NEEDS), variants
+    for binary in ["/opt/llama.cpp/llama-server", *variants]:
+        done = run_in_image(image_root, None, "ldd", "-r", binary)
+        assert done.returncode == 0 and "not found" not in done.stdout + done.stderr, done.stdout + done.stderr
+        assert "undefined symbol" not in done.stdout + done.stderr, done.stdout + done.stderr
+        assert "/opt/llama.cpp/libggml-base.so" in done.stdout, done.stdout
+    assert not list(root.glob("opt/venv/lib/python3*/site-packages/llama_cpp/lib/*.so"))
 
 
-@pytest.mark.parametrize("level", ["avx512", "avx512_vnni"])
-def test_an_avx512_build_loads_and_generates_on_this_cpu(image_root, engine, level):
-    """The builds DataSphere's Ice Lake nodes load; only a CPU that has the instructions can run them."""
-    lacking = sorted(LEVEL_FLAGS[level] - kernel_flags())
-    if lacking:
-        pytest.skip(f"the {level} build is not run: this CPU lacks {', '.join(lacking)} (an AVX2-only machine)")
-    done = generate_in_image(image_root, engine, None, FORCE_LEVEL=level)
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert done.stdout.splitlines() == [f"level {level}", "generated 2"]
-    assert cpu_code(done.stderr) == LEVEL_CODE[level]
-
-
-def test_an_avx2_cpu_runs_the_image_with_the_avx2_build(image_root, engine):
+def test_an_avx2_cpu_runs_the_image_on_the_haswell_variant(image_root, engine):
     """qemu -cpu Haswell: AVX2 but no AVX-512. The model loads and generates."""
     done = generate_in_image(image_root, engine, "Haswell")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert done.stdout.splitlines() == ["level avx2", "generated 2"]
-    assert cpu_code(done.stderr) == LEVEL_CODE["avx2"]
-
-
-def test_the_avx512_build_would_die_on_that_cpu(image_root, engine):
-    """The control: why the choice matters (illegal instruction, signal 4)."""
-    done = generate_in_image(image_root, engine, "Haswell", FORCE_LEVEL="avx512_vnni")
-    assert done.returncode in (-4, 128 + 4), (done.returncode, done.stdout, done.stderr[-2000:])
+    assert done.stdout.splitlines() == ["variant haswell", "generated 2"]
 
 
 def test_sigterm_stops_the_container(container, engine):

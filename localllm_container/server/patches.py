@@ -55,6 +55,7 @@ def install() -> logging.Filter:
 
     make_app = server_app.create_app
     llama_errors = keep_llama_errors()
+    load_cpu_backend()
 
     def create_guarded_app(*args, **kwargs):
         from starlette.middleware import Middleware
@@ -74,6 +75,23 @@ def install() -> logging.Filter:
     refuse_unparsed_grammars()
     AppStatus.disable_automatic_graceful_drain()
     return logging.Filter()  # a filter in name only: it lets every record through
+
+
+def load_cpu_backend() -> None:
+    """Load the CPU variant the entrypoint chose (GGML_BACKEND_PATH, localllm_container/cpu.py):
+    llama.cpp built with GGML_BACKEND_DL has no backend until one is loaded, and
+    llama-cpp-python never loads one (abetlen/llama-cpp-python#2069)."""
+    import ctypes
+    import os
+    path = os.environ.get("GGML_BACKEND_PATH")
+    if not path:
+        return  # llama-cpp-python's own build: its CPU backend is linked in
+    ggml = ctypes.CDLL(os.path.join(os.environ["LLAMA_CPP_LIB_PATH"], "libggml.so"))  # the one libllama loaded
+    ggml.ggml_backend_load.restype = ctypes.c_void_p
+    if not ggml.ggml_backend_load(path.encode()):
+        reason = f"llama.cpp could not load its CPU backend {path}: rebuild the image, or set CPU_LEVEL to another variant"
+        report_start_failure(reason)
+        raise RuntimeError(reason)
 
 
 _log_callbacks: list = []  # ctypes callbacks must outlive their registration
