@@ -24,12 +24,15 @@ for patch in "$here"/llama-server-*.patch; do
     patch -d "$src" -p1 --forward --batch < "$patch" >/dev/null
 done
 build=$(mktemp -d)
-cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF \
+# The compilers' output (thousands of lines of GCC's notes on ggml's AVX-512 code) goes
+# to a log; its end is shown if a step fails.
+step() { "$@" >>"$build/log" 2>&1 || { tail -40 "$build/log" >&2; echo "build-llama-cpp.sh: failed: $*" >&2; exit 1; }; }
+step cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF \
     -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH='$ORIGIN;$ORIGIN/..' >/dev/null
+    -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH='$ORIGIN;$ORIGIN/..'
 # ggml depends on every CPU variant; llama-server links llama, mtmd and ggml.
-cmake --build "$build" --target ggml llama-server "$@" -j"$(nproc)" >/dev/null
+step cmake --build "$build" --target ggml llama-server "$@" -j"$(nproc)"
 mkdir -p "$out/cpu"
 cp -a "$build"/bin/libggml-cpu-*.so "$out/cpu/"
 rm -f "$build"/bin/libggml-cpu-*.so
