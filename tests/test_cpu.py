@@ -69,7 +69,6 @@ def generate_on(qemu_cpu: str | None, engine: str, model_path: Path, **env: str)
                            *emulator], capture_output=True, text=True, timeout=900, env={**os.environ, **env})
 
 
-@pytest.mark.engines
 def test_an_avx2_cpu_loads_the_model_and_generates(engine, model_path):
     """qemu -cpu Haswell: AVX2, no AVX-512 (qemu has none)."""
     done = generate_on("Haswell", engine, model_path)
@@ -95,7 +94,7 @@ def test_a_forced_variant_the_cpu_lacks_is_one_line_not_sigill(config_env):
     done = subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, str(ROOT / "entrypoint.py"), "config"],
                           env=config_env(CPU_LEVEL="skylakex"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
-    assert done.stderr.strip().splitlines() == [
+    assert [line for line in done.stderr.splitlines() if not line.startswith(QEMU)] == [
         "error: CPU_LEVEL=skylakex needs instructions this CPU lacks: this CPU runs x64, sse42, sandybridge, "
         "ivybridge, piledriver, haswell; or leave CPU_LEVEL empty to choose automatically"]
 
@@ -113,7 +112,7 @@ def test_a_variant_that_does_not_exist_is_one_line(config_env, value, message):
 def test_a_forced_variant_is_what_config_shows(config_env):
     done = run_entrypoint("config", env=config_env(CPU_LEVEL="haswell"))
     assert done.returncode == 0, done.stderr
-    assert re.search(r"^CPU_LEVEL\s+haswell\s+.*set", done.stdout, re.M), done.stdout
+    assert "CPU_LEVEL=haswell  # set\n" in done.stdout, done.stdout
 
 
 def test_another_platform_is_named_before_any_x86_code_runs(tmp_path):
@@ -138,7 +137,6 @@ def engine_libraries(entrypoint) -> set[str]:
     return found
 
 
-@pytest.mark.engines
 def test_serve_with_a_forced_variant_loads_it_and_warns_without_avx2(start_server, engine):
     """CPU_LEVEL=sse42 on this CPU: the whole start, as a user would force it, and an answer."""
     entrypoint = start_server(CPU_LEVEL="sse42")

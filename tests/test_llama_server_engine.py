@@ -2,9 +2,11 @@
 and the command line from the settings (localllm_container/llama_server.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from localllm_container import llama_server, model, resources
+from localllm_container import cpu, llama_server, model, resources
 from localllm_container.errors import UserError
 from localllm_container.settings import Config
 
@@ -70,11 +72,12 @@ def test_embedding_is_an_option_and_the_api_key_is_not_on_the_command_line(facts
     assert "--embeddings" in llama_server.command(config(EMBEDDING="on"), tmp_path / "m.gguf", facts, 8001)  # pydantic's
 
 
-def test_the_libraries_are_the_cpu_levels_or_llama_cpp_pythons(tmp_path):
-    (tmp_path / "avx512").mkdir()
-    assert llama_server.library_path("avx512", str(tmp_path)) == str(tmp_path / "avx512")
-    for level in ("", "avx2"):  # no level asked, or a level this installation lacks
-        assert llama_server.library_path(level, str(tmp_path)).endswith("llama_cpp/lib")
+def test_its_environment_names_the_cpu_variant_to_load():
+    """llama-server loads the variant the entrypoint chose (GGML_BACKEND_PATH), none for --help."""
+    variant = cpu.choose_cpu_variant("")[0]
+    env = llama_server.environment({}, variant)
+    assert env["GGML_BACKEND_PATH"] == str(cpu.variant_files()[variant]) and Path(env["GGML_BACKEND_PATH"]).is_file()
+    assert "GGML_BACKEND_PATH" not in llama_server.environment({}, "")
 
 
 def test_its_variables_come_from_its_own_help():
