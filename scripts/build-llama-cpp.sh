@@ -7,7 +7,7 @@
 #                    its own libraries; RUNPATH $ORIGIN.
 #   OUT_DIR/cpu/     llama.cpp's CPU backend variants (GGML_BACKEND_DL with
 #                    GGML_CPU_ALL_VARIANTS: x64, sse42, ..., haswell, skylakex, icelake,
-#                    zen4, sapphirerapids), each built for one CPU family. The entrypoint
+#                    zen4; not sapphirerapids, below), each built for one CPU family. The entrypoint
 #                    scores them against the CPU with llama.cpp's own ggml_backend_score
 #                    and names the one to load in GGML_BACKEND_PATH. They sit in a folder
 #                    of their own so that llama-server, which searches its own folder,
@@ -35,6 +35,10 @@ step cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=
 step cmake --build "$build" --target ggml llama-server "$@" -j"$(nproc)"
 mkdir -p "$out/cpu"
 cp -a "$build"/bin/libggml-cpu-*.so "$out/cpu/"
+# Left out: this llama.cpp's sapphirerapids (AMX) variant dies of SIGILL on a Sapphire
+# Rapids VM where AMX itself works (a `tilezero` in its AMX matrix code runs without a
+# tile configuration); such CPUs load zen4 (AVX-512 VNNI, BF16) instead.
+rm "$out/cpu/libggml-cpu-sapphirerapids.so"
 rm -f "$build"/bin/libggml-cpu-*.so
 cp -a "$build"/bin/*.so* "$build"/bin/llama-server "$out/"
 for target in "$@"; do cp -a "$build/bin/$target" "$out/"; done
