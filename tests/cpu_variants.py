@@ -1,7 +1,7 @@
-"""What each of llama.cpp's x86 CPU variants needs, in the kernel's /proc/cpuinfo flag
-names: the tests' own expectation of the variant a CPU gets, written from the list in
-the pinned llama.cpp's ggml/src/CMakeLists.txt (GGML_CPU_ALL_VARIANTS), not from the
-entrypoint's code (which asks each variant's own ggml_backend_score).
+"""What each of llama.cpp's x86 CPU variants that the image carries needs, in the kernel's
+/proc/cpuinfo flag names: the tests' own expectation of the variant a CPU gets, written
+from the list in the pinned llama.cpp's ggml/src/CMakeLists.txt (GGML_CPU_ALL_VARIANTS),
+not from the entrypoint's code (which asks each variant's own ggml_backend_score).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ NEEDS = {
     "piledriver": {"sse4_2", "avx", "f16c", "fma"}, "haswell": HASWELL, "alderlake": HASWELL | {"avx_vnni"},
     "skylakex": SKYLAKEX, "cannonlake": SKYLAKEX | {"avx512vbmi"}, "cascadelake": SKYLAKEX | {"avx512_vnni"},
     "icelake": SKYLAKEX | {"avx512vbmi", "avx512_vnni"}, "cooperlake": SKYLAKEX | {"avx512_vnni", "avx512_bf16"},
-    "zen4": ZEN4, "sapphirerapids": ZEN4 | {"amx_tile", "amx_int8"},
+    "zen4": ZEN4,  # and not sapphirerapids (zen4 + AMX), which the image leaves out: build-llama-cpp.sh
 }
 
 
