@@ -74,8 +74,9 @@ def llama_cpp_source() -> Path:
 def use_llama_cpp(source: Path) -> Path:
     """llama.cpp as the image builds it (scripts/build-llama-cpp.sh: its libraries, llama-server,
     the CPU variants), plus llama-bench, built once into CACHE; then named in this process's
-    environment as the image's ENV names it, so the entrypoint's functions, its servers and
-    `import llama_cpp` here all load it. Call before anything imports llama_cpp."""
+    environment as the image's ENV names it, with the CPU variant the entrypoint would choose,
+    so the entrypoint's functions, its servers and llama_cpp here (after
+    server.patches.load_cpu_backend) all load it. Call before anything imports llama_cpp."""
     stamp = hashlib.sha256(b"".join(path.read_bytes() for path in sorted((ROOT / "scripts").glob("*")))).hexdigest()
     out = CACHE / f"llama.cpp-{stamp[:12]}"
     if not (out / "llama-bench").exists():
@@ -86,6 +87,8 @@ def use_llama_cpp(source: Path) -> Path:
         staging.rename(out)
     os.environ.update(LLAMA_CPP_LIB_PATH=str(out), MTMD_CPP_LIB=str(out),
                       PATH=os.pathsep.join([str(out), os.environ.get("PATH", "")]))
+    from localllm_container import cpu
+    os.environ.update(cpu.backend_environ(cpu.choose_cpu_variant("")[0]))  # for llama_cpp loaded here
     return out
 
 

@@ -88,6 +88,8 @@ def banned_ids(path: Path) -> list[int]:
     """The tokens that end generation, as llama.cpp itself tells them (EOS, end of turn and
     the like): both engines stop at any of them, so all are banned."""
     import llama_cpp
+    from localllm_container.server.patches import load_cpu_backend
+    load_cpu_backend()  # llama-cpp-python loads none (GGML_BACKEND_PATH: bench.builds.use_llama_cpp)
     model = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(model._model.model)
     return [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t)]

@@ -17,6 +17,7 @@ message), and docs/*/reliability.md lists the difference.
 """
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -31,6 +32,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
 from conftest import ALIAS, ROOT, launch, serve_from_hub
+from localllm_container import cpu
 from testkit.hub_standin import HubStandin
 
 N_CTX = 256  # small, so prompts past it are cheap to make
@@ -542,6 +544,7 @@ import sys
 sys.path.insert(0, {root!r})
 import llama_cpp
 from localllm_container.server import patches
+patches.load_cpu_backend()  # as in the server process (GGML_BACKEND_PATH below)
 if {patched!r}:
     patches.refuse_unparsed_grammars()
 llama = llama_cpp.Llama({model!r}, n_ctx=256, verbose=False)
@@ -557,7 +560,8 @@ def test_a_grammar_the_server_builds_itself_cannot_crash_it(model_path, patched)
     """The safety net under the guard for grammars made from response_format or tool schemas,
     which no request field shows: run in a process of its own, since without it the process dies."""
     code = GRAMMAR_INSIDE_THE_SERVER.format(root=str(ROOT), patched=patched, model=str(model_path))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **cpu.backend_environ(cpu.choose_cpu_variant("")[0])})
     if patched:
         assert (done.returncode, done.stdout.strip()) == (0, "refused: llama.cpp cannot parse the grammar made for "
                                                              "this request"), done.stderr[-2000:]

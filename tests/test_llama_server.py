@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from localllm_container import cpu
 from localllm_container import llama_server as engine
 from testkit.environment import clean_environ, free_port
 from testkit.server import ServerProcess
@@ -14,11 +15,11 @@ PAIRS = 20  # a stream, then a plain request on the same connection; unpatched, 
 
 @pytest.fixture(scope="module")
 def llama_server(model_path):
-    """llama-server on PATH (tests/run builds it), with llama-cpp-python's libraries."""
+    """llama-server on PATH (tests/run builds it), loading the CPU variant the entrypoint would choose."""
     port = free_port()
     command = [engine.binary(), "-m", str(model_path), "--host", "127.0.0.1", "--port", str(port),
                "-c", "2048", "-np", "2", "-t", "2"]
-    server = ServerProcess(command, engine.environment(clean_environ(), ""), port, "llama-server")
+    server = ServerProcess(command, engine.environment(clean_environ(), cpu.choose_cpu_variant("")[0]), port, "llama-server")
     try:
         server.wait_ready()
         yield server

@@ -6,6 +6,7 @@ the installed llama-cpp-python, sse-starlette or starlette is not the pinned one
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from importlib import metadata
 
@@ -77,6 +78,7 @@ def install() -> logging.Filter:
     return logging.Filter()  # a filter in name only: it lets every record through
 
 
+@functools.cache  # once per process: a second load would register a second CPU backend
 def load_cpu_backend() -> None:
     """Load the CPU variant the entrypoint chose (GGML_BACKEND_PATH, localllm_container/cpu.py):
     llama.cpp built with GGML_BACKEND_DL has no backend until one is loaded, and
