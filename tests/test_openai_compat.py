@@ -688,6 +688,15 @@ def test_completions_best_of_is_refused_unless_it_equals_n(server, engine, recor
     record("completions_best_of", error)
 
 
+def test_no_repetition_penalty_unless_asked(server):
+    """As OpenAI and llama-server: a request without repeat_penalty gets none (llama-cpp-python's
+    own default is 1.1). The prompt is one the test model repeats, so a penalty shows."""
+    prompt = "apple apple apple apple apple apple apple apple apple apple"
+    plain = completion(server, prompt)
+    assert plain == completion(server, prompt, extra_body={"repeat_penalty": 1.0}), plain
+    assert plain != completion(server, prompt, extra_body={"repeat_penalty": 1.5}), plain
+
+
 # ---------------------------------------------------------------- LangChain ---
 
 def langchain(server, **options):

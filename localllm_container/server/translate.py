@@ -22,6 +22,11 @@ MAX_CHOICES = 8  # n above this would hold a CPU server for n answers' time: ask
 # models), not a local model. (`user` is the server's own field, which it ignores too.)
 IGNORED_FIELDS = ("metadata", "store", "reasoning_effort", "service_tier", "prediction")
 TEXT_PART_TYPES = ("text", "refusal")  # a refusal part (an assistant turn) is text too
+# OpenAI's API has no repetition penalty (frequency_penalty and presence_penalty are 0 unless
+# sent), nor has llama-server by default; llama-cpp-python's server applies 1.1 unless told,
+# which also costs 1.4 ms a token over Gemma's 262k-token vocabulary (docs/*/performance.md).
+# A request that sends repeat_penalty gets what it sends.
+REPEAT_PENALTY = 1.0
 
 
 class BadRequest(Exception):
@@ -79,7 +84,7 @@ def translate(path: str, data: dict, served: Served) -> tuple[dict, Plan]:
 
 
 def translate_common(data: dict) -> Plan:
-    """stream_options and n, the same for chat and completions."""
+    """stream_options, n and the repetition penalty, the same for chat and completions."""
     stream = data.get("stream") is True
     options = data.pop("stream_options", None)
     if options is not None and not stream:
@@ -91,6 +96,7 @@ def translate_common(data: dict) -> Plan:
     if not isinstance(choices, int) or isinstance(choices, bool) or not 1 <= choices <= MAX_CHOICES:
         raise BadRequest(f"n: expected a whole number from 1 to {MAX_CHOICES} on this server, got {choices!r} "
                          "(each choice is generated in turn; for more, send the request again)", "n")
+    data.setdefault("repeat_penalty", REPEAT_PENALTY)
     seed = data.get("seed")
     return Plan(stream=stream, choices=choices, include_usage=bool((options or {}).get("include_usage")),
                 seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
