@@ -72,6 +72,9 @@ SERVER_DEFAULTS = {
     # true computes logits for every prompt token: prompt processing 2.3x slower
     # (docs/en/performance.md); only `logprobs` requests need it
     "LOGITS_ALL": "false",
+    # false makes prompts and generation 5-7 % slower on both test models (bench/defaults.py,
+    # docs/en/performance.md); llama-server and llama-bench turn it on for a CPU by default too
+    "FLASH_ATTN": "true",
 }
 
 
