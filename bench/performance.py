@@ -5,9 +5,9 @@ On the test model (../shared/test-model.md), through the HTTP API of
 `entrypoint.py serve` as a user sees it: prompt processing (512-token prompt),
 generation (128 tokens), time to first token; and, in the same run, llama.cpp's
 own `llama-bench` built from the llama.cpp sources the pinned llama-cpp-python
-sdist vendors, for the CPU level the entrypoint chooses here. Also a thread
-sweep, cold start against a bare model load, the portable build against
--march=native, and a few server defaults (LOGITS_ALL, N_BATCH, FLASH_ATTN).
+sdist vendors, on the CPU variant the entrypoint chooses here. Also a thread
+sweep, cold start against a bare model load, that variant against -march=native,
+and LOGITS_ALL (the other engine settings: bench.defaults).
 
     ~/.cache/localllm-tests/venv/bin/python -m bench.performance [--reps 3] [--json out.json] [--write-docs]
 
@@ -142,10 +142,12 @@ def measure_tg(server: ServerProcess, ban: list[int] | None) -> dict[str, float]
 
 def run_llama_bench(binary: Path, model: Path, threads: int, env: dict[str, str]) -> dict[str, float]:
     """One repetition of pp512 and tg128 with llama-bench's default flash attention (auto)
-    and with it off (llama-cpp-python's server default)."""
+    and with it off (llama-cpp-python's own default). `env` names the CPU variant to load, if
+    any: the native build has its CPU code built in and must load no other."""
+    inherited = {k: v for k, v in os.environ.items() if k != "GGML_BACKEND_PATH"}
     done = subprocess.run([str(binary), "-m", str(model), "-p", str(PP_TOKENS), "-n", str(TG_TOKENS),
                            "-t", str(threads), "-fa", "auto,off", "-r", "1", "-o", "json"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+                          capture_output=True, text=True, timeout=600, env={**inherited, **env})
     if done.returncode != 0:
         raise SystemExit(f"llama-bench failed ({done.returncode}):\n{done.stderr[-2000:]}")
     figures = {}
@@ -161,10 +163,7 @@ def variants(threads: int) -> list[tuple[str, dict[str, str], tuple[str, ...]]]:
     return [("auto", {}, ("pp", "tg", "tg_free")),
             *((f"threads={k}", {"N_THREADS": str(k), "N_THREADS_BATCH": str(k)}, ("pp", "tg"))
               for k in range(1, threads + 1)),
-            ("LOGITS_ALL=true", {"LOGITS_ALL": "true"}, ("pp",)),
-            ("N_BATCH=256", {"N_BATCH": "256"}, ("pp",)),
-            ("N_BATCH=1024", {"N_BATCH": "1024"}, ("pp",)),
-            ("FLASH_ATTN=true", {"FLASH_ATTN": "true"}, ("pp", "tg"))]
+            ("LOGITS_ALL=true", {"LOGITS_ALL": "true"}, ("pp",))]
 
 
 def add(samples: dict, name: str, figures: dict[str, float]) -> None:

@@ -37,8 +37,8 @@ TEXT = {
             "**llama-bench pp512 / tg128**: llama.cpp's own benchmark, built from the llama.cpp sources that the "
             "pinned llama-cpp-python sdist vendors by `scripts/build-llama-cpp.sh` as the image builds it, "
             "loading the CPU variant the entrypoint chose, on the same model file and thread count, run between the API "
-            "measurements. Flash attention `auto` is llama-bench's default (on a CPU it resolves to on); "
-            "`off` is what llama-cpp-python's server does unless `FLASH_ATTN=true`. The target is against `auto`.",
+            "measurements. Flash attention `auto` is llama-bench's default (on a CPU it resolves to on), as the "
+            "image's `FLASH_ATTN=true`; `off` is llama-cpp-python's own default. The target is against `auto`.",
             "**API generation**: a streamed completion of 128 tokens with the end-of-generation token(s) banned "
             "through `logit_bias`, so that exactly 128 come; the rate between the first and the last chunk, "
             "so the prompt does not count. ms/token = 1000 / rate.",
@@ -53,7 +53,10 @@ TEXT = {
             "`resources.available_cpus()` allows; the automatic value is the one the entrypoint picks.",
             "**Portable CPU variant**: llama-bench with the CPU variant the entrypoint picks for this CPU (llama.cpp's "
             "`GGML_CPU_ALL_VARIANTS`, built with `GGML_NATIVE=OFF`) against llama-bench built with `-march=native` "
-            "for this very machine (`GGML_NATIVE=ON`), both from the same sources, in the same run.",
+            "for this very machine (`GGML_NATIVE=ON`), both from the same sources, in the same run. On a CPU with "
+            "AMX the native build leaves AMX out (`-mno-amx-tile -mno-amx-int8 -mno-amx-bf16`): this llama.cpp's "
+            "AMX code dies of SIGILL on the Sapphire Rapids VM, as its `sapphirerapids` variant does "
+            "([CPU variants](#cpu-variants)).",
             "**Cold start**: from starting `entrypoint.py serve` to the first HTTP 200 from `/v1/models`, against "
             "a fresh `python` that imports `llama_cpp` and loads the model with `llama_cpp.Llama(path, "
             "n_ctx, n_threads)` from the same library folder. The model file is in the page cache in both "
@@ -61,8 +64,9 @@ TEXT = {
             "entrypoint's output lines (`Serving ...`, uvicorn's `Started server process`, which comes after "
             "the model is loaded, and `Uvicorn running on`); the bare process's own split is given for "
             "comparison.",
-            "**LOGITS_ALL, N_BATCH, FLASH_ATTN**: API prompt processing (and generation for FLASH_ATTN) with one "
-            "llama-cpp-python server setting changed, as a ratio to the image's defaults.",
+            "**LOGITS_ALL**: API prompt processing with this llama-cpp-python server setting changed, as a ratio to "
+            "the image's default (false). The other settings are measured on both engines and both test models "
+            "in [Defaults, measured](#defaults-measured).",
         ],
         "method": "How it is measured",
         "method_text": (
@@ -114,8 +118,8 @@ TEXT = {
             "которые лежат в закреплённом sdist llama-cpp-python, скриптом `scripts/build-llama-cpp.sh`, как в "
             "образе, с тем вариантом CPU, который выбрала точка входа, на том же файле модели и с тем же "
             "числом потоков; запускается между измерениями API. Flash attention `auto` — значение llama-bench по "
-            "умолчанию (на CPU оно включает flash attention); `off` — то, что делает сервер llama-cpp-python, "
-            "пока не задан `FLASH_ATTN=true`. Цель считается относительно `auto`.",
+            "умолчанию (на CPU оно включает flash attention), как `FLASH_ATTN=true` в образе; `off` — значение по "
+            "умолчанию самого llama-cpp-python. Цель считается относительно `auto`.",
             "**Генерация через API**: потоковое дополнение на 128 токенов, в котором токены конца генерации "
             "запрещены через `logit_bias`, так что приходит ровно 128 токенов; скорость считается между первым "
             "и последним фрагментом, промпт в неё не входит. мс/токен = 1000 / скорость.",
@@ -131,7 +135,10 @@ TEXT = {
             "разрешает `resources.available_cpus()`; автоматическое значение — то, что выбирает точка входа.",
             "**Переносимый вариант CPU**: llama-bench с вариантом CPU, который точка входа выбирает для этого "
             "процессора (`GGML_CPU_ALL_VARIANTS` из llama.cpp, сборка с `GGML_NATIVE=OFF`), против llama-bench, "
-            "собранного с `-march=native` под эту самую машину (`GGML_NATIVE=ON`), из тех же исходников, в том же прогоне.",
+            "собранного с `-march=native` под эту самую машину (`GGML_NATIVE=ON`), из тех же исходников, в том же прогоне. "
+            "На CPU с AMX родная сборка собирается без AMX (`-mno-amx-tile -mno-amx-int8 -mno-amx-bf16`): код AMX "
+            "этой версии llama.cpp падает с SIGILL на виртуальной машине Sapphire Rapids, как и его вариант "
+            "`sapphirerapids` ([Варианты для CPU](#варианты-для-cpu)).",
             "**Холодный старт**: от запуска `entrypoint.py serve` до первого HTTP 200 от `/v1/models` против "
             "нового процесса `python`, который импортирует `llama_cpp` и загружает модель через "
             "`llama_cpp.Llama(path, n_ctx, n_threads)` из той же папки библиотек. Файл модели в обоих случаях "
@@ -139,8 +146,10 @@ TEXT = {
             "моментам прихода строк вывода точки входа (`Serving ...`, `Started server process` от uvicorn — "
             "он пишет её после загрузки модели — и `Uvicorn running on`); для сравнения дано такое же деление "
             "у голой загрузки.",
-            "**LOGITS_ALL, N_BATCH, FLASH_ATTN**: обработка промпта через API (и генерация для FLASH_ATTN) с "
-            "одной изменённой настройкой сервера llama-cpp-python — отношение к значениям образа по умолчанию.",
+            "**LOGITS_ALL**: обработка промпта через API с этой изменённой настройкой сервера llama-cpp-python — "
+            "отношение к значению образа по умолчанию (false). Остальные настройки измерены на обоих движках и "
+            "обеих тестовых моделях в разделе [Значения по умолчанию по измерениям]"
+            "(#значения-по-умолчанию-по-измерениям).",
         ],
         "method": "Как измеряется",
         "method_text": (

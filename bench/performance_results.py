@@ -44,10 +44,6 @@ def summarise(api: dict, lb: dict, native: dict, cold: dict, threads: int, varia
         "cold_s": cold["serve"]["ready_s"], "bare_s": cold["bare"]["load_s"],
         "cold_extra_s": cold["serve"]["ready_s"] - cold["bare"]["load_s"],
         "logits_all_pp_ratio": api["LOGITS_ALL=true"]["pp_tps"] / auto["pp_tps"],
-        "n_batch_256_pp_ratio": api["N_BATCH=256"]["pp_tps"] / auto["pp_tps"],
-        "n_batch_1024_pp_ratio": api["N_BATCH=1024"]["pp_tps"] / auto["pp_tps"],
-        "flash_attn_pp_ratio": api["FLASH_ATTN=true"]["pp_tps"] / auto["pp_tps"],
-        "flash_attn_tg_ratio": api["FLASH_ATTN=true"]["tg_tps"] / auto["tg_tps"],
     }
     t = TARGETS
     s["met"] = {"pp_ratio": s["pp_ratio"] >= t["pp_ratio"],
@@ -118,10 +114,6 @@ def rows(r: dict) -> list[tuple[dict[str, str], str, tuple[str, bool] | None]]:
          f"{cold['serve']['loaded_to_listening_s']:.2f}; {cold['serve']['listening_to_200_s']:.2f}", None),
         ({"en": "LOGITS_ALL=true / default (false): pp", "ru": "LOGITS_ALL=true / по умолчанию (false): pp"},
          f"{s['logits_all_pp_ratio']:.2f}", None),
-        ({"en": "N_BATCH 256; 1024 / default (512): pp", "ru": "N_BATCH 256; 1024 / по умолчанию (512): pp"},
-         f"{s['n_batch_256_pp_ratio']:.2f}; {s['n_batch_1024_pp_ratio']:.2f}", None),
-        ({"en": "FLASH_ATTN=true / default (false): pp; tg", "ru": "FLASH_ATTN=true / по умолчанию (false): pp; tg"},
-         f"{s['flash_attn_pp_ratio']:.2f}; {s['flash_attn_tg_ratio']:.2f}", None),
     ]
     return out
 
