@@ -24,6 +24,7 @@ from pathlib import Path
 from bench.builds import llama_cpp_source, use_llama_cpp
 from bench.performance import N_CTX, READY_DEADLINE, TG_TOKENS, end_of_generation_ids, measure_tg
 from localllm_container import cpu, resources, settings
+from localllm_container.server.translate import REPEAT_PENALTY
 from testkit.environment import ROOT, clean_environ, free_port
 from testkit.server import ServerProcess
 
@@ -71,7 +72,8 @@ def main() -> None:
     measures = {
         "/extras/tokenize, ms": lambda s: small_request_ms(s, "/extras/tokenize", {"input": "Hello there"}),
         "1-token completion, ms": lambda s: small_request_ms(s, "/v1/completions", {"prompt": "Hi", "max_tokens": 1}),
-        f"streamed {TG_TOKENS} tokens, ms/token": lambda s: measure_tg(s, ban)["tg_ms"],
+        # the guard's default (translate.REPEAT_PENALTY) sent to both, so both sample alike
+        f"streamed {TG_TOKENS} tokens, ms/token": lambda s: measure_tg(s, ban, repeat_penalty=REPEAT_PENALTY)["tg_ms"],
     }
     results: dict[str, dict[bool, list[float]]] = {name: {True: [], False: []} for name in measures}
     with tempfile.TemporaryDirectory() as folder:

@@ -121,12 +121,13 @@ def measure_pp(server: ServerProcess) -> dict[str, float]:
     return {"pp_tps": PP_TOKENS / ttft, "ttft_512_ms": ttft * 1000}
 
 
-def measure_tg(server: ServerProcess, ban: list[int] | None) -> dict[str, float]:
+def measure_tg(server: ServerProcess, ban: list[int] | None, **extra) -> dict[str, float]:
     """Generation rate between the first and the last streamed token. With `ban`, those
     tokens (end of generation) get logit_bias -1e4, so exactly 128 come; without, a
-    stream that ends before 64 tokens is retried with another prompt."""
+    stream that ends before 64 tokens is retried with another prompt. `extra` goes into
+    the request."""
     for _ in range(4):
-        body = {"prompt": f"{next_lead()}. {STORY}", "max_tokens": TG_TOKENS}
+        body = {"prompt": f"{next_lead()}. {STORY}", "max_tokens": TG_TOKENS, **extra}
         if ban:
             body["logit_bias"] = {str(t): -1e4 for t in ban}
         sent, chunks, finish = server.stream(body)
