@@ -31,13 +31,20 @@ def test_server_settings_pass_through_with_the_same_precedence(env_file):
     assert load_config({}, env_file)["N_BATCH"] == "256"
     config = load_config({"N_BATCH": "1024", "USE_MLOCK": "false"}, env_file)
     assert (config["N_BATCH"], config.sources["N_BATCH"]) == ("1024", "env")
-    assert config.extra == ["INTERRUPT_REQUESTS", "LOGITS_ALL", "N_BATCH", "USE_MLOCK"]
+    assert config.extra == ["FLASH_ATTN", "INTERRUPT_REQUESTS", "LOGITS_ALL", "N_BATCH", "USE_MLOCK"]
 
 
 def test_a_new_request_does_not_interrupt_others_by_default(env_file):
     config = load_config({}, env_file)
     assert (config["INTERRUPT_REQUESTS"], config.sources["INTERRUPT_REQUESTS"]) == ("false", "default")
     assert load_config({"INTERRUPT_REQUESTS": "true"}, env_file)["INTERRUPT_REQUESTS"] == "true"
+
+
+def test_flash_attention_is_on_by_default(env_file):
+    """Measured faster on both test models (bench/defaults.py); false turns it off."""
+    config = load_config({}, env_file)
+    assert (config["FLASH_ATTN"], config.sources["FLASH_ATTN"]) == ("true", "default")
+    assert load_config({"FLASH_ATTN": "false"}, env_file)["FLASH_ATTN"] == "false"
 
 
 # What `docker run --env-file model.env` passes for the shipped model.env: every automatic
