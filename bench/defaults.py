@@ -35,7 +35,7 @@ from localllm_container import cpu, resources
 from testkit.environment import ROOT
 
 from .builds import CACHE, llama_cpp_source, log, use_llama_cpp
-from .performance import FILLER, READY_DEADLINE, measure_tg, next_lead, pull_model, start_server
+from .performance import FILLER, READY_DEADLINE, cut_prompt, measure_tg, pull_model, start_server
 from .performance_results import machine
 from .quiet import undisturbed
 from .team import PLACES, banned_ids, models
@@ -44,8 +44,6 @@ COMMAND = "~/.cache/localllm-tests/venv/bin/python -m bench.defaults"
 PROMPT_TOKENS, DEEP_TOKENS = 1024, 64
 FASTER, NO_WORSE = 1.03, 0.98  # RULE: one figure at least 3 % better on both models, none 2 % worse
 FIGURES = ("pp_tps", "deep_tg_tps", "tg_tps")
-
-
 SHIPPED, NOISE = "shipped", "shipped again (noise)"
 
 
@@ -65,18 +63,10 @@ def candidates(engine: str, threads: int) -> list[tuple[str, dict[str, str]]]:
 
 
 def exact_prompt(vocab, tokens: int) -> str:
-    """A text that both engines read as exactly `tokens` tokens (BOS included): cut with
-    llama.cpp's tokenizer for the model (the engines use the same), each with a new first word
-    so that no engine can reuse the previous prompt's KV cache."""
-    ids = vocab.tokenize(f"{next_lead()} {FILLER * 2}".encode(), add_bos=True)
-    end = tokens
-    for _ in range(6):  # the text at the cut can re-tokenize a token longer or shorter
-        text = vocab.detokenize(ids[1:end]).decode(errors="ignore")
-        count = len(vocab.tokenize(text.encode(), add_bos=True))
-        if count == tokens:
-            return text
-        end += tokens - count
-    raise SystemExit(f"cannot cut a {tokens}-token prompt (last try: {count})")
+    """A text that both engines read as exactly `tokens` tokens: cut with llama.cpp's tokenizer
+    for the model here (the engines use the same; llama-server has no /extras routes)."""
+    return cut_prompt(tokens, lambda text: vocab.tokenize(text.encode(), add_bos=True),
+                      lambda ids: vocab.detokenize(ids).decode(errors="ignore"), FILLER * 2)
 
 
 def measure_deep(server, vocab, ban: list[int]) -> dict[str, float]:

@@ -96,17 +96,24 @@ def next_lead() -> str:
     return LEADS[_lead_count % len(LEADS)]
 
 
-def exact_prompt(server: ServerProcess, tokens: int) -> str:
-    """A prompt of exactly `tokens` tokens (BOS included), cut with the server's own tokenizer."""
-    ids = server.call("/extras/tokenize", {"input": f"{next_lead()} {FILLER}"})["tokens"]
+def cut_prompt(tokens: int, tokenize, detokenize, filler: str = FILLER) -> str:
+    """A text of exactly `tokens` tokens (BOS included) that starts with a new word: `tokenize`
+    gives a text's ids, BOS first; `detokenize` the text of ids."""
+    ids = tokenize(f"{next_lead()} {filler}")
     end = tokens
     for _ in range(6):  # detokenized text can re-tokenize a token longer or shorter at the cut
-        text = server.call("/extras/detokenize", {"tokens": ids[1:end]})["text"]
-        count = server.call("/extras/tokenize/count", {"input": text})["count"]
+        text = detokenize(ids[1:end])
+        count = len(tokenize(text))
         if count == tokens:
             return text
         end += tokens - count
     raise SystemExit(f"cannot cut a {tokens}-token prompt (last try: {count})")
+
+
+def exact_prompt(server: ServerProcess, tokens: int) -> str:
+    """A prompt of exactly `tokens` tokens, cut with the server's own tokenizer."""
+    return cut_prompt(tokens, lambda text: server.call("/extras/tokenize", {"input": text})["tokens"],
+                      lambda ids: server.call("/extras/detokenize", {"tokens": ids})["text"])
 
 
 def end_of_generation_ids(model_path: Path) -> list[int]:
