@@ -21,6 +21,13 @@ CACHE = Path.home() / ".cache" / "localllm-bench"
 BUILD_DEADLINE = 3600  # seconds
 
 
+def command_line(command: str) -> str:
+    """`command` with this run's arguments, as it was run: under `nice` when it was, since the
+    niceness changes how much the machine's other jobs disturb the figures."""
+    niceness = os.nice(0)
+    return " ".join([*(["nice", "-n", str(niceness)] if niceness else []), command, *sys.argv[1:]])
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

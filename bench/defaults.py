@@ -34,7 +34,7 @@ from pathlib import Path
 from localllm_container import cpu, resources
 from testkit.environment import ROOT
 
-from .builds import CACHE, llama_cpp_source, log, use_llama_cpp
+from .builds import CACHE, command_line, llama_cpp_source, log, use_llama_cpp
 from .performance import FILLER, READY_DEADLINE, cut_prompt, measure_tg, pull_model, start_server
 from .performance_results import machine
 from .quiet import undisturbed
@@ -213,7 +213,7 @@ def run(args) -> dict:
                    **({"CHAT_FORMAT": m.chat_format} if m.chat_format else {}))
     samples = measure(chosen, threads, args.reps)
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([*(["nice", "-n", str(os.nice(0))] if os.nice(0) else []), COMMAND, *sys.argv[1:]]),
+            "command": command_line(COMMAND),
             "machine": machine(),
             "llama_cpp_python": llama_cpp.__version__, "threads": threads, "reps": args.reps,
             "cpu_variant": cpu.choose_cpu_variant("")[0],

@@ -38,7 +38,7 @@ from testkit.hub_standin import HubStandin
 from testkit.server import ServerProcess
 
 from . import quiet
-from .builds import CACHE, llama_cpp_source, log, native_llama_bench, pinned_version, run_step, use_llama_cpp
+from .builds import CACHE, command_line, llama_cpp_source, log, native_llama_bench, pinned_version, run_step, use_llama_cpp
 from .performance_results import machine, print_table, rows, summarise
 from .quiet import undisturbed
 
@@ -289,7 +289,7 @@ def run(args) -> dict:
     lb, native = api.pop("llama-bench"), api.pop("llama-bench-native")
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([COMMAND, *sys.argv[1:]]), "machine": machine(), "load_average": load,
+        "command": command_line(COMMAND), "machine": machine(), "load_average": load,
         "llama_cpp_python": llama_cpp.__version__, "reps": args.reps, "n_ctx": N_CTX,
         "threads": {"auto": threads, "why": threads_why}, "cpu_variant": {"auto": variant, "why": why},
         "model": {"repo": REPO, "file": FILE, "bytes": model.stat().st_size},
