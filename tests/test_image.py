@@ -313,7 +313,7 @@ def test_the_slim_image_downloads_its_model_at_start_and_answers(images, model_p
             running.wait_ready(port, 300)
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
             reply = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hello"}],
-                                                   max_tokens=8)
+                                                   max_tokens=8, temperature=0)
             assert reply.choices[0].message.content.strip() and reply.model == ALIAS
             assert "downloading it now" in running.output()
             report("slim image: first answer", repr(reply.choices[0].message.content))
@@ -338,7 +338,7 @@ def test_container_answers_offline(container, engine):
         assert [m["id"] for m in json.load(reply)["data"]] == [ALIAS]
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="unused", max_retries=0)
     reply = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hello"}],
-                                           max_tokens=8)
+                                           max_tokens=8, temperature=0)
     assert reply.choices[0].message.content.strip() and reply.model == ALIAS
     with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{HEALTH_PATH}", timeout=5) as health:
         assert health.status == 200

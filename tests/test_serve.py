@@ -40,7 +40,8 @@ def test_chat_completion_returns_text(server):
 
 def test_streamed_chat_delivers_chunks_and_ends_cleanly(server):
     stream = client(server).chat.completions.create(
-        model=ALIAS, messages=[{"role": "user", "content": "Count to five."}], max_tokens=16, stream=True)
+        model=ALIAS, messages=[{"role": "user", "content": "Count to five."}], max_tokens=16, temperature=0,
+        stream=True)
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(chunks) > 2 and text.strip()
@@ -226,7 +227,7 @@ def test_serves_with_a_read_only_root_filesystem(start_server, engine):
     """As `docker run --read-only` (or readOnlyRootFilesystem): only /dev/shm stays writable."""
     entrypoint = start_server(prefix=READ_ONLY_ROOT)
     entrypoint.wait_ready()
-    assert client(entrypoint).completions.create(model=ALIAS, prompt="Hi", max_tokens=4).choices[0].text
+    assert client(entrypoint).completions.create(model=ALIAS, prompt="Hi", max_tokens=4, temperature=0).choices[0].text
     entrypoint.wait_for_line(LOG_LINES[engine]["answered"])
 
 
@@ -235,7 +236,7 @@ def test_chat_format_is_chosen_from_the_model_when_not_set(start_server):
     entrypoint = start_server(model_env=dict(MODEL=REPO, N_CTX="2048"), CHAT_FORMAT="")
     entrypoint.wait_ready()
     reply = client(entrypoint).chat.completions.create(
-        model=ALIAS, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=16)
+        model=ALIAS, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=16, temperature=0)
     assert reply.choices[0].message.content.strip()
 
 
