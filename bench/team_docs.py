@@ -36,7 +36,7 @@ TEXT = {
         "single_intro": ("{label}, threads: {threads}, one request at a time on a freshly started server: "
                          "prompt processing of {pp} tokens and generation of {tg} tokens, against llama.cpp's own "
                          "`llama-bench` pp{pp} / tg{tg} (flash attention auto, its default and llama-server's) "
-                         "built from the same llama.cpp sources for the same CPU level, run between the two engines "
+                         "built from the same llama.cpp sources and run on the same CPU variant, between the two engines "
                          "in each repetition. In parentheses: the ratio to llama-bench (the median of the "
                          "repetitions' ratios)."),
         "single_header": ("| Figure | llama-bench | llama-server, own timings | llama-server, client | "
@@ -122,8 +122,8 @@ TEXT = {
         "single_intro": ("{label}, потоков: {threads}, по одному запросу на только что запущенном сервере: "
                          "обработка промпта в {pp} токенов и генерация {tg} токенов против собственного бенчмарка "
                          "llama.cpp `llama-bench` pp{pp} / tg{tg} (flash attention auto — его значение по умолчанию "
-                         "и значение llama-server), собранного из тех же исходников llama.cpp для того же уровня "
-                         "CPU; в каждом повторе он запускается между двумя движками. В скобках — отношение к llama-bench "
+                         "и значение llama-server), собранного из тех же исходников llama.cpp и работающего на том же "
+                         "варианте CPU; в каждом повторе он запускается между двумя движками. В скобках — отношение к llama-bench "
                          "(медиана отношений по повторам)."),
         "single_header": ("| Показатель | llama-bench | llama-server, свои timings | llama-server, клиент | "
                           "localllm, клиент | Цель |\n|---|---|---|---|---|---|"),
