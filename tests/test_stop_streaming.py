@@ -47,7 +47,7 @@ def test_sigterm_during_a_stream_stops_cleanly(start_server, report, max_tokens)
     entrypoint.wait_ready()
     client = openai.OpenAI(base_url=entrypoint.url + "/v1", api_key="unused", max_retries=0, timeout=30)
     stream = client.completions.create(model=ALIAS, prompt="Write a long story about the sea.",
-                                       max_tokens=max_tokens, stream=True,
+                                       max_tokens=max_tokens, temperature=0, stream=True,
                                        logit_bias=NO_END if max_tokens == LONG else None)
     first = [next(stream) for _ in range(3)]
     assert all(chunk.choices[0].finish_reason is None for chunk in first)  # still generating
