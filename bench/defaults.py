@@ -32,7 +32,6 @@ import sys
 from pathlib import Path
 
 from localllm_container import cpu, resources
-from testkit.environment import ROOT
 
 from .builds import CACHE, command_line, llama_cpp_source, log, use_llama_cpp
 from .performance import FILLER, READY_DEADLINE, cut_prompt, measure_tg, pull_model, start_server
@@ -235,11 +234,8 @@ def main() -> None:
     print(render_section(result, "en"))
     log(f"results in {args.json}")
     if args.write_docs:
-        from .performance_docs import merge_page
-        for lang in ("en", "ru"):
-            path = ROOT / "docs" / lang / "performance.md"
-            path.write_text(merge_page(path.read_text(), render_section(result, lang)))
-            log(f"wrote {path}")
+        from .performance_docs import write_docs
+        write_docs(lambda lang: render_section(result, lang))
 
 
 if __name__ == "__main__":

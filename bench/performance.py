@@ -320,11 +320,7 @@ def main() -> None:
     log(f"results in {args.json}")
     if args.write_docs:
         from . import performance_docs
-        for lang in ("en", "ru"):
-            path = ROOT / "docs" / lang / "performance.md"
-            page = performance_docs.render(result, rows(result), lang)
-            path.write_text(performance_docs.merge_page(path.read_text() if path.exists() else "", page))
-            log(f"wrote {path}")
+        performance_docs.write_docs(lambda lang: performance_docs.render(result, rows(result), lang))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,12 @@
 both languages lives here, the figures and the table rows come from the run."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from testkit.environment import ROOT
+
+from .builds import log
+
 TEXT = {
     "en": {
         "nav": "[Русская версия](../ru/performance.md) · [Configuration](configuration.md)",
@@ -235,3 +241,12 @@ def merge_page(old: str, new: str) -> str:
     parts = [new_head if new_head.strip() else old_head,
              *(fresh.pop(heading, text) for heading, text in old_sections), *fresh.values()]
     return "\n\n".join(part.strip("\n") for part in parts if part.strip()) + "\n"
+
+
+def write_docs(render: Callable[[str], str]) -> None:
+    """Merge the sections `render(lang)` gives into docs/{en,ru}/performance.md: the one way
+    every benchmark writes its part of the page."""
+    for lang in ("en", "ru"):
+        path = ROOT / "docs" / lang / "performance.md"
+        path.write_text(merge_page(path.read_text() if path.exists() else "", render(lang)))
+        log(f"wrote {path}")

@@ -499,11 +499,8 @@ def main(argv: list[str] | None = None) -> None:
     print(team_docs.render_section(result, "en"))
     log(f"results in {args.json}; {result['minutes']:.1f} minutes of measuring")
     if args.write_docs:
-        from .performance_docs import merge_page
-        for lang in ("en", "ru"):
-            path = ROOT / "docs" / lang / "performance.md"
-            path.write_text(merge_page(path.read_text() if path.exists() else "", team_docs.render_section(result, lang)))
-            log(f"wrote {path}")
+        from .performance_docs import write_docs
+        write_docs(lambda lang: team_docs.render_section(result, lang))
 
 
 if __name__ == "__main__":

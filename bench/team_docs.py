@@ -1,6 +1,6 @@
 """The section "Team workload: both engines" of docs/{en,ru}/performance.md from a
 bench/team.py result: the prose in both languages lives here, the figures come from the
-run. bench.team prints the English one and writes both with performance_docs.merge_page.
+run. bench.team prints the English one and writes both with performance_docs.write_docs.
 """
 from __future__ import annotations
 
