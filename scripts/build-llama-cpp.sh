@@ -1,6 +1,6 @@
 #!/bin/sh
 # Builds llama.cpp once, from the sources the pinned llama-cpp-python sdist vendors,
-# with this repository's patches to its server (scripts/llama-server-*.patch, each
+# with this repository's patches to libllama and its server (scripts/llama-*.patch, each
 # says why), for both engines:
 #   OUT_DIR/         libllama, libggml, libggml-base, libmtmd (llama-cpp-python loads
 #                    them through LLAMA_CPP_LIB_PATH and MTMD_CPP_LIB), llama-server and
@@ -20,7 +20,7 @@ set -eu
 src=$1 out=$2
 shift 2
 here=$(cd "$(dirname "$0")" && pwd)
-for patch in "$here"/llama-server-*.patch; do
+for patch in "$here"/llama-*.patch; do
     patch -d "$src" -p1 --forward --batch < "$patch" >/dev/null
 done
 build=$(mktemp -d)

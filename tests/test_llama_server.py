@@ -61,3 +61,19 @@ def test_more_than_20_log_probabilities_are_refused_and_the_server_stays_up(llam
         assert allowed.status_code == 200 and len(allowed.json()["choices"][0]["logprobs"]["content"][0]
                                                   ["top_logprobs"]) == 20
         assert http.get("/health").status_code == 200
+
+
+def test_a_grammar_nested_past_256_levels_is_refused_by_llama_cpp_itself(llama_server):
+    """The regression test of scripts/llama-grammar-nesting.patch, on llama-server without the front
+    (which refuses such a grammar first): unpatched, 100,000 levels were a SIGSEGV of the server."""
+    def nested(depth: int) -> str:
+        return "root ::= " + "(" * depth + '"a"' + ")" * depth
+
+    with httpx.Client(base_url=llama_server.url, timeout=120, trust_env=False) as http:
+        for depth in (300, 100_000):
+            refused = http.post("/completion", json={"prompt": "Hi", "n_predict": 2, "grammar": nested(depth)})
+            assert refused.status_code == 400 and "failed to parse grammar" in refused.text, refused.text
+        allowed = http.post("/completion", json={"prompt": "Hi", "n_predict": 2, "grammar": nested(250)})
+        assert allowed.status_code == 200 and allowed.json()["content"] == "a", allowed.text
+        assert http.get("/health").status_code == 200
+    assert llama_server.wait_for_line("grammar nests more than 256 levels of parentheses")
