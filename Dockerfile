@@ -3,8 +3,10 @@
 # llama-server: ENGINE in model.env).
 # Choose the model in model.env, then: docker build --platform linux/amd64 -t localllm .
 
-# Debian 12 (bookworm), dated tag: the same system libraries on every build.
-ARG BASE_IMAGE=docker.io/library/debian:bookworm-20251229-slim
+# Debian 12 (bookworm), pinned by digest (the dated tag beside it says which build):
+# the same system libraries on every build, and no other image under the same name.
+# scripts/renew-pins refreshes it (docs/en/maintaining.md).
+ARG BASE_IMAGE=docker.io/library/debian:bookworm-20251229-slim@sha256:d5d3f9c23164ea16f31852f95bd5959aad1c5e854332fe00f7b3a20fcc9f635c
 
 # ---- builder: compilers stay in this stage --------------------------------
 FROM ${BASE_IMAGE} AS builder
@@ -25,31 +27,34 @@ RUN apt-get update \
 # A CA bundle for pip behind a TLS-inspecting proxy: pass a path that a build
 # volume provides (see docs); nothing of it stays in the image.
 ARG PIP_CERT=
-COPY requirements/image.txt /tmp/requirements.txt
-# llama-cpp-python's Python code only (LLAMA_BUILD=OFF): llama.cpp itself is built
-# once below, for both engines, and loaded through LLAMA_CPP_LIB_PATH.
+# Every Python package is checked against its SHA-256 in the lock (--require-hashes).
+# llama-cpp-python comes as its sdist, checked before anything of it is built, and is
+# built as its Python code only, by the build backend pinned in requirements/build.txt
+# (scripts/llama-cpp-python.sh); llama.cpp itself is built once below, for both engines,
+# and loaded through LLAMA_CPP_LIB_PATH.
+COPY requirements/image.txt requirements/build.txt /tmp/requirements/
+COPY scripts/llama-cpp-python.sh /tmp/llama-cpp-build/
 RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
+    && PIP_NO_CACHE_DIR=1 sh /tmp/llama-cpp-build/llama-cpp-python.sh /tmp/requirements /tmp/llama-cpp-python \
     && python3 -m venv /opt/venv \
-    && CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" /opt/venv/bin/pip install --no-cache-dir \
-        -r /tmp/requirements.txt
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/llama-cpp-python/wheels/*.whl \
+    && /opt/venv/bin/pip install --no-cache-dir --require-hashes -r /tmp/requirements/image.txt
 
-# llama.cpp from the sources the pinned sdist vendors, with this repository's patches
-# to its server (scripts/llama-server-*.patch): the libraries both engines load,
+# llama.cpp from the sources that sdist vendors, with this repository's patches
+# (scripts/llama-*.patch, to libllama and its server): the libraries both engines load,
 # llama-server, and llama.cpp's CPU variants (x64 to Sapphire Rapids and Zen 4), of
 # which the entrypoint loads the best for the CPU it runs on.
-COPY scripts/build-llama-cpp.sh scripts/llama-server-*.patch /tmp/llama-cpp-build/
-RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
-    && /opt/venv/bin/pip download --no-cache-dir --no-deps --no-binary llama-cpp-python -d /tmp/sdist \
-        "$(grep '^llama-cpp-python==' /tmp/requirements.txt)" \
-    && tar -xzf /tmp/sdist/llama_cpp_python-*.tar.gz -C /tmp/sdist \
-    && /tmp/llama-cpp-build/build-llama-cpp.sh /tmp/sdist/llama_cpp_python-*/vendor/llama.cpp /opt/llama.cpp \
-    && rm -rf /tmp/sdist /tmp/llama-cpp-build
+COPY scripts/build-llama-cpp.sh scripts/llama-*.patch /tmp/llama-cpp-build/
+RUN /tmp/llama-cpp-build/build-llama-cpp.sh /tmp/llama-cpp-python/llama_cpp_python-*/vendor/llama.cpp /opt/llama.cpp \
+    && rm -rf /tmp/llama-cpp-python /tmp/llama-cpp-build
 
-# localllm is not on PyPI: installed from git at a fixed commit (the last one).
+# localllm is not on PyPI: installed from git at a fixed commit (the last one; the commit
+# hash is what pins it), without its dependencies, which the lock above installed.
 # Tests pass a local stand-in here; keep the default for real images.
 ARG LOCALLLM="local-llm @ git+https://github.com/GoogleCloudPlatform/localllm.git@2939bd32fa6b54a134d759176c66ad2036e034f8#subdirectory=local-llm"
 RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
-    && /opt/venv/bin/pip install --no-cache-dir -c /tmp/requirements.txt "$LOCALLLM" \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps "$LOCALLLM" \
+    && /opt/venv/bin/pip check \
     && if /opt/venv/bin/pip show llm >/dev/null 2>&1; then echo "an unrelated 'llm' package is installed" >&2; exit 1; fi \
     && ln -s local-llm /opt/venv/bin/llm
 

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -60,22 +59,17 @@ def pinned_version() -> str:
 
 
 def llama_cpp_source() -> Path:
-    """The llama.cpp sources vendored by the pinned llama-cpp-python sdist."""
-    version = pinned_version()
-    folder = CACHE / "sdist" / f"llama_cpp_python-{version}"
-    if not (folder / "vendor/llama.cpp/CMakeLists.txt").exists():
-        archive = folder.with_name(folder.name + ".tar.gz")
-        if not archive.exists():
-            run_step("sdist", [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                               "llama-cpp-python", f"llama-cpp-python=={version}", "-d", archive.parent], 900)
+    """The llama.cpp sources vendored by the pinned llama-cpp-python sdist, its SHA-256
+    checked by scripts/llama-cpp-python.sh as for the image and the tests."""
+    folder = CACHE / "llama-cpp-python"
+    source = folder / f"llama_cpp_python-{pinned_version()}" / "vendor/llama.cpp"
+    if not (source / "CMakeLists.txt").exists():
         staging = folder.with_name(folder.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(staging, filter="data")
+        run_step("sdist", ["sh", ROOT / "scripts/llama-cpp-python.sh", ROOT / "requirements", staging], 900)
         shutil.rmtree(folder, ignore_errors=True)
-        (staging / folder.name).rename(folder)
-        staging.rmdir()
-    return folder / "vendor/llama.cpp"
+        staging.rename(folder)
+    return source
 
 
 def use_llama_cpp(source: Path) -> Path:
