@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import statistics
 import time
 
@@ -30,9 +29,8 @@ SMALL_REQUESTS = 20  # per turn; their median is the turn's figure
 
 def behind_the_front(server: ServerProcess) -> ServerProcess:
     """The same server, called on the engine's own port (the entrypoint names it)."""
-    port = re.search(r"the engine on 127\.0\.0\.1:(\d+)", server.wait_for_line("the engine on")).group(1)
     bare = copy.copy(server)
-    bare.url, bare.name = f"http://127.0.0.1:{port}", server.name + " (bare)"
+    bare.url, bare.name = server.engine_url, server.name + " (bare)"
     return bare
 
 

@@ -14,7 +14,7 @@ import click
 CHECK_PROMPT = "Say hello in one short sentence."
 CHECK_HINTS = {
     401: "the token or key is missing or refused (DataSphere: --iam-token or YC_IAM_TOKEN, "
-         "a fresh `yc iam create-token`; a server with API_KEY: --api-key)",
+         "a fresh `yc iam create-token`; a server with API_KEY: --api-key or API_KEY)",
     403: "the token is valid but may not call this node (check --folder-id and the account's access to the project)",
     404: "no such path, node or alias (give the base URL without /v1; check --node-id or --alias)",
     503: "not ready: the model is still loading or the node is starting; try again in a minute",
@@ -131,15 +131,13 @@ def run_check(base: str, headers: dict[str, str], timeout: float) -> None:
 
 
 def request_headers(node_id, alias, folder_id, iam_token, api_key) -> dict[str, str]:
-    """The headers node-api (DataSphere) or the server's API_KEY wants; a wrong mix of
+    """The headers node-api (DataSphere) and the server's API_KEY want; a wrong mix of
     options is a click usage error."""
     if node_id and alias:
         raise click.UsageError("give --node-id or --alias, not both")
     if (node_id or alias) and not folder_id:
         raise click.UsageError("--node-id and --alias need --folder-id (node-api requires x-folder-id)")
-    if iam_token and api_key:
-        raise click.UsageError("give --iam-token (or YC_IAM_TOKEN) or --api-key, not both: "
-                               "each is sent as Authorization: Bearer")
+    api_key = api_key.split(",")[0].strip() if api_key else api_key  # API_KEY may hold several
     headers = {"Content-Type": "application/json", "User-Agent": "localllm-check"}
     if node_id:
         headers["x-node-id"] = node_id
@@ -147,8 +145,10 @@ def request_headers(node_id, alias, folder_id, iam_token, api_key) -> dict[str, 
         headers["x-node-alias"] = alias if alias.startswith("datasphere.user.") else f"datasphere.user.{alias}"
     if folder_id:
         headers["x-folder-id"] = folder_id
-    if iam_token or api_key:
+    if iam_token or api_key:  # node-api reads Authorization: the key goes beside it
         headers["Authorization"] = f"Bearer {iam_token or api_key}"
+    if iam_token and api_key:
+        headers["x-api-key"] = api_key
     return headers
 
 

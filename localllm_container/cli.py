@@ -19,6 +19,7 @@ from .cache import check_model_file, files_to_serve, cached_path, llm, pull_file
     recorded_files
 from .cpu import slow_variant_warning
 from .errors import UserError
+from .front.keys import split_keys
 from .model import model_facts
 from .server import HEALTH_PATH
 from .server.log import uvicorn_log_config
@@ -41,7 +42,7 @@ def config() -> None:
     model = model_facts(paths) if paths and all(paths) else None
     resolve_runtime(cfg, model)
     for name in SETTINGS:
-        click.echo(f"{name}={cfg[name]}  # {cfg.sources[name]}")
+        click.echo(f"{name}={shown(name, cfg[name])}  # {cfg.sources[name]}")
     for name in cfg.extra:
         click.echo(f"{name}={cfg[name]}  # {cfg.sources[name]}, passed on")
     if cfg["ENGINE"] == "llama-server":
@@ -51,6 +52,14 @@ def config() -> None:
             command = llama_server.command(cfg, model.path, model, "BACKEND_PORT")
             click.echo("# llama-server's command (BACKEND_PORT: a free port on 127.0.0.1 chosen at start, "
                        "behind the front on PORT): " + " ".join(shlex.quote(arg) for arg in command))
+
+
+def shown(name: str, value: str) -> str:
+    """A setting's value as `config` prints it: never the keys themselves."""
+    if name != "API_KEY" or not value:
+        return value
+    count = len(split_keys(value))
+    return f"({count} key{'s' * (count > 1)}, hidden)"
 
 
 @cli.command()
@@ -127,7 +136,9 @@ def health() -> None:
 @click.option("--alias", help="DataSphere alias name: sends x-node-alias: datasphere.user.ALIAS.")
 @click.option("--folder-id", help="DataSphere folder id: sends x-folder-id.")
 @click.option("--iam-token", envvar="YC_IAM_TOKEN", help="IAM token: sends Authorization: Bearer TOKEN [env YC_IAM_TOKEN].")
-@click.option("--api-key", help="the server's API_KEY: sends Authorization: Bearer KEY.")
+@click.option("--api-key", envvar="API_KEY", help="one of the server's API_KEY keys (the first, when the "
+              "value holds several): sends Authorization: Bearer KEY, or x-api-key: KEY beside --iam-token "
+              "[env API_KEY].")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=120, show_default=True,
               help="Seconds to wait for the connection and for each part of an answer.")
 def check(url, node_id, alias, folder_id, iam_token, api_key, timeout) -> None:

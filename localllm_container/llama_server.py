@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .cpu import backend_environ
 from .errors import UserError
+from .front.routes import OTHER_CONNECTIONS, PROBE_CONNECTIONS
 from .model import ModelFacts, fits_in_memory
 from .server.log import load_failure
 
@@ -38,13 +39,18 @@ OWN_VARIABLES = {"LLAMA_ARG_MODEL": "set MODEL and MODEL_FILE", "LLAMA_ARG_CTX_S
                  "LLAMA_ARG_OFFLINE": "leave it: the engine never downloads",
                  "LLAMA_ARG_ENDPOINT_METRICS": "leave it: the front on PORT serves /metrics",
                  "LLAMA_ARG_UI": "leave it: the web UI is not in the image",
-                 "LLAMA_API_KEY": "set API_KEY", "LLAMA_ARG_API_KEY_FILE": "set API_KEY",
+                 "LLAMA_API_KEY": "set API_KEY (the front on PORT checks it)",
+                 "LLAMA_ARG_API_KEY_FILE": "set API_KEY (the front on PORT checks it)",
+                 "LLAMA_ARG_CORS_ORIGINS": "set CORS_ORIGINS (the front on PORT answers CORS)",
+                 "LLAMA_ARG_THREADS_HTTP": "leave it: one thread for each connection the front may open",
                  "LLAMA_ARG_API_PREFIX": "leave it: /health, /v1 and the probes are at the root",
                  "LLAMA_ARG_SSL_KEY_FILE": "leave it: the container speaks HTTP (node-api and the ingress add TLS)",
                  "LLAMA_ARG_SSL_CERT_FILE": "leave it: the container speaks HTTP (node-api and the ingress add TLS)"}
-API_KEY_VARIABLE = "LLAMA_API_KEY"  # llama-server reads its key here too (not a LLAMA_ARG_* name)
-# llama-cpp-python settings both engines take: API_KEY becomes LLAMA_API_KEY, EMBEDDING --embeddings.
-SHARED_SETTINGS = ("API_KEY", "EMBEDDING")
+# llama-cpp-python settings both engines take: EMBEDDING becomes --embeddings.
+SHARED_SETTINGS = ("EMBEDDING",)
+# HTTP threads beyond one per slot: the front's other connections to the engine, and 2 for
+# a connection still closing while its successor opens.
+HTTP_THREADS_BEYOND_SLOTS = OTHER_CONNECTIONS + PROBE_CONNECTIONS + 2
 # Slots from the CPUs: one per CPU, at least MIN (a few users never wait in line even on
 # 2 CPUs) and at most MAX (beyond, each answer gets too small a share of the CPUs).
 MIN_SLOTS, MAX_SLOTS = 4, 16
@@ -60,12 +66,9 @@ def binary() -> str:
     return found
 
 
-def environment(environ: dict[str, str], cpu_variant: str, api_key: str = "") -> dict[str, str]:
-    """llama-server's environment: the CPU variant to load (empty: none, enough for --help),
-    and the API key, which on its command line anyone could read with `ps`."""
+def environment(environ: dict[str, str], cpu_variant: str) -> dict[str, str]:
+    """llama-server's environment: the CPU variant to load (empty: none, enough for --help)."""
     env = dict(environ)
-    if api_key:
-        env[API_KEY_VARIABLE] = api_key
     if cpu_variant:
         env.update(backend_environ(cpu_variant))
     return env
@@ -130,6 +133,7 @@ def command(config, model_path: Path, model: ModelFacts, port: int | str) -> lis
             "--threads", config["N_THREADS"], "--threads-batch", config["N_THREADS_BATCH"],
             "--cache-ram", str(cache_mib),
             "--fit", "off",  # never shrink what was asked for behind the user's back
+            "--threads-http", str(slots + HTTP_THREADS_BEYOND_SLOTS),
             "--offline", "--no-webui"]
     if config["CHAT_FORMAT"]:
         args += ["--no-jinja", "--chat-template", chat_template(config["CHAT_FORMAT"])]
@@ -137,7 +141,7 @@ def command(config, model_path: Path, model: ModelFacts, port: int | str) -> lis
         args += ["--jinja"]  # the GGUF's own template, with tools
     if embedding_on(config.values.get("EMBEDDING", "")):
         args += ["--embeddings"]
-    return args  # API_KEY goes through the environment
+    return args
 
 
 def embedding_on(value: str) -> bool:

@@ -25,6 +25,12 @@ from .resources import available_cpus
 ENGINES = ("localllm", "llama-server")
 LOG_FORMATS = ("text", "json")
 QUEUE_PER_SLOT = 4  # automatic MAX_QUEUE: a short wait behind each slot, not minutes in a line
+# Automatic MAX_CONNECTIONS: room for every slot and place in the queue twice over (clients
+# that keep idle connections, bodies on their way), and never fewer than this.
+MIN_CONNECTIONS = 256
+SPARE_CONNECTIONS = 8  # a set MAX_CONNECTIONS leaves at least this beyond the slots and the queue (probes, /v1/models)
+API_KEY_CHARACTERS = re.compile(r"[\x21-\x2b\x2d-\x7e]+")  # visible ASCII but the comma: what a header carries
+ORIGIN = re.compile(r"https?://[^/\s,]+")  # scheme://host[:port], as a browser sends it
 
 ROOT = Path(__file__).resolve().parent.parent  # /app in the image: model.env lives beside entrypoint.py
 MODEL_ENV_DEFAULT = ROOT / "model.env"
@@ -63,6 +69,15 @@ SETTINGS = {s.name: s for s in (
     Setting("MAX_QUEUE", "", "requests that may wait for a slot, beyond them 503 at once; empty = "
             f"{QUEUE_PER_SLOT} per slot", auto=True),
     Setting("LOG_FORMAT", "text", "text, or json: one JSON object a line for log collectors"),
+    Setting("API_KEY", "", "keys a client must send (Authorization: Bearer KEY, or x-api-key: KEY), separated "
+            "by commas; empty = none"),
+    Setting("METRICS_NEED_KEY", "false", "true: /metrics needs API_KEY too (Prometheus sends it as a bearer token)"),
+    Setting("CORS_ORIGINS", "", "origins of the web pages that may call the API (https://app.example.org, ...), "
+            "or *; empty = none"),
+    Setting("CLIENT_TIMEOUT", "60", "seconds a client may take to send its request, or to take the next part of "
+            "an answer"),
+    Setting("MAX_CONNECTIONS", "", f"open connections at most; empty = {MIN_CONNECTIONS}, or twice the slots "
+            "and MAX_QUEUE if more", auto=True),
 )}
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 # llama-cpp-python server settings whose own defaults are wrong for a shared node.
@@ -215,8 +230,12 @@ def validate(config: Config, server_fields: dict) -> None:
     _positive_int(config, "MAX_QUEUE", allow_empty=True, upper=100000, lower=0)
     if config["LOG_FORMAT"] not in LOG_FORMATS:
         raise UserError(f"LOG_FORMAT={config['LOG_FORMAT']!r} is not valid: expected {' or '.join(LOG_FORMATS)}")
-    if config["VERIFY_MODEL_SHA256"].lower() not in BOOLEANS:
-        raise UserError(f"VERIFY_MODEL_SHA256={config['VERIFY_MODEL_SHA256']!r} is not valid: expected true or false")
+    for name in ("VERIFY_MODEL_SHA256", "METRICS_NEED_KEY"):
+        if config[name].lower() not in BOOLEANS:
+            raise UserError(f"{name}={config[name]!r} is not valid: expected true or false")
+    validate_access(config)
+    _positive_int(config, "CLIENT_TIMEOUT", upper=3600)
+    _positive_int(config, "MAX_CONNECTIONS", allow_empty=True, upper=65536, lower=16)
     if config["CHAT_FORMAT"]:
         formats = chat_formats()
         if config["CHAT_FORMAT"] not in formats:
@@ -229,6 +248,24 @@ def validate(config: Config, server_fields: dict) -> None:
     for name in config.extra:
         if name in server_fields:
             check_server_setting(name, config[name], server_fields[name])
+
+
+def validate_access(config: Config) -> None:
+    """API_KEY, METRICS_NEED_KEY and CORS_ORIGINS; a message never shows a key."""
+    keys = config["API_KEY"].split(",") if config["API_KEY"] else []
+    for number, key in enumerate(keys, 1):
+        if not API_KEY_CHARACTERS.fullmatch(key.strip()):
+            raise UserError(f"API_KEY is not valid: its key {number} of {len(keys)} is "
+                            f"{'empty' if not key.strip() else 'not plain text'}: expected keys of visible ASCII "
+                            "characters (no spaces), separated by commas")
+    if BOOLEANS[config["METRICS_NEED_KEY"].lower()] and not keys:
+        raise UserError("METRICS_NEED_KEY=true needs API_KEY: set the keys, or METRICS_NEED_KEY=false")
+    origins = [origin.strip() for origin in config["CORS_ORIGINS"].split(",")] if config["CORS_ORIGINS"] else []
+    for origin in origins:
+        if origin != "*" and not ORIGIN.fullmatch(origin) or origin == "*" and len(origins) > 1:
+            raise UserError(f"CORS_ORIGINS={config['CORS_ORIGINS']!r} is not valid: expected origins such as "
+                            "https://app.example.org or http://localhost:3000 (no path), separated by commas, "
+                            "or * alone for any")
 
 
 def chat_formats() -> set[str]:
@@ -271,8 +308,8 @@ def resolve_runtime(config: Config, model: ModelFacts | None = None) -> None:
         config.sources["MODEL_ALIAS"] = "automatic: repo name"
     config.values["CPU_LEVEL"], config.sources["CPU_LEVEL"] = choose_cpu_variant(config["CPU_LEVEL"])
     if model is None:
-        for name in ("N_CTX", "CHAT_FORMAT", "MAX_QUEUE") + (("PARALLEL",) if config["ENGINE"] == "llama-server"
-                                                             else ()):
+        for name in ("N_CTX", "CHAT_FORMAT", "MAX_QUEUE", "MAX_CONNECTIONS") + (
+                ("PARALLEL",) if config["ENGINE"] == "llama-server" else ()):
             if not config[name]:
                 config.sources[name] = "automatic: decided at start from the model file"
         return
@@ -295,6 +332,14 @@ def resolve_runtime(config: Config, model: ModelFacts | None = None) -> None:
         slots = answered_at_once(config)
         config.values["MAX_QUEUE"] = str(QUEUE_PER_SLOT * slots)
         config.sources["MAX_QUEUE"] = f"automatic: {QUEUE_PER_SLOT} per slot, {slots} slot{'s' * (slots > 1)}"
+    requests = answered_at_once(config) + int(config["MAX_QUEUE"])
+    if not config["MAX_CONNECTIONS"]:
+        config.values["MAX_CONNECTIONS"] = str(max(MIN_CONNECTIONS, 2 * requests))
+        config.sources["MAX_CONNECTIONS"] = f"automatic: at least {MIN_CONNECTIONS}, twice the slots and MAX_QUEUE"
+    elif int(config["MAX_CONNECTIONS"]) < requests + SPARE_CONNECTIONS:
+        raise UserError(f"MAX_CONNECTIONS={config['MAX_CONNECTIONS']} is too few: the slots and MAX_QUEUE take "
+                        f"{requests} and the health probes need room too; expected at least "
+                        f"{requests + SPARE_CONNECTIONS}, or empty for automatic")
 
 
 def answered_at_once(config: Config) -> int:

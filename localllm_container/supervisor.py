@@ -30,7 +30,7 @@ import psutil
 from . import llama_server
 from .cpu import backend_environ
 from .server.log import START_ERROR_VARIABLE
-from .settings import ROOT, Config, answered_at_once
+from .settings import BOOLEANS, ROOT, Config, answered_at_once
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -264,9 +264,9 @@ def stop_before_serving(signum, _frame) -> None:
 
 def server_env(config: Config, environ: dict[str, str]) -> dict[str, str]:
     """The server's environment: the effective settings on top of ours (pydantic reads them)."""
+    environ = {name: value for name, value in environ.items() if name != "API_KEY"}  # the front checks it
     if config["ENGINE"] == "llama-server":
-        # its settings are on its command line, but for the key
-        return llama_server.environment(environ, config["CPU_LEVEL"], config.values.get("API_KEY", ""))
+        return llama_server.environment(environ, config["CPU_LEVEL"])  # its settings are on its command line
     env = dict(environ)
     for name in ("N_CTX", "N_THREADS", "N_THREADS_BATCH", "MODEL_ALIAS", "CHAT_FORMAT"):
         if config[name]:
@@ -288,8 +288,12 @@ def front_process(config: Config, backend_port: int, environ: dict[str, str]) ->
                # answers in flight at a stop may finish until then; the supervisor kills at STOP_TIMEOUT - 1.5 s
                "--graceful", str(max(1, int(config["STOP_TIMEOUT"]) - 3)),
                # the localllm engine's streams carry no token counts unless asked (llama-server's end with them)
-               "--add-usage" if config["ENGINE"] == "localllm" else "--no-add-usage"]
-    env = {**environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))}
+               "--add-usage" if config["ENGINE"] == "localllm" else "--no-add-usage",
+               "--client-timeout", config["CLIENT_TIMEOUT"], "--max-connections", config["MAX_CONNECTIONS"],
+               "--cors-origins", config["CORS_ORIGINS"],
+               "--metrics-need-key" if BOOLEANS[config["METRICS_NEED_KEY"].lower()] else "--metrics-open"]
+    env = {**environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")])),
+           "API_KEY": config["API_KEY"]}  # in the environment: `ps` shows a command line to anyone
     return command, env
 
 

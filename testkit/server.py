@@ -51,12 +51,12 @@ class ServerProcess:
     def output(self) -> str:
         return "\n".join(self.lines)
 
-    def wait_ready(self, deadline: float = READY_DEADLINE) -> float:
-        """Seconds from the start to the first answer from /v1/models."""
+    def wait_ready(self, deadline: float = READY_DEADLINE, headers: dict[str, str] | None = None) -> float:
+        """Seconds from the start to the first answer from /v1/models (`headers`: its API key)."""
         while time.monotonic() < self.started + deadline:
             assert self.proc.poll() is None, f"{self.name} exited early:\n{self.output()}"
             try:
-                with OPENER.open(self.url + "/v1/models", timeout=2):
+                with OPENER.open(urllib.request.Request(self.url + "/v1/models", headers=headers or {}), timeout=2):
                     return time.monotonic() - self.started
             except OSError:
                 time.sleep(0.05)
@@ -70,6 +70,13 @@ class ServerProcess:
                 return found[-1]
             time.sleep(0.05)
         raise AssertionError(f"no line with {text!r} within {timeout} s:\n{self.output()}")
+
+    @property
+    def engine_url(self) -> str:
+        """The engine behind the front (the serve line names its port on 127.0.0.1): where a test
+        reads what the front does not pass on, such as llama-server's /slots."""
+        line = self.wait_for_line("the engine on 127.0.0.1:")
+        return "http://127.0.0.1:" + line.rsplit("127.0.0.1:", 1)[1].split()[0]
 
     def line_after(self, text: str) -> float | None:
         """Seconds from the start to the first output line containing `text`."""

@@ -19,7 +19,7 @@ from nodeapi_standin import NodeApiStandin
 
 
 def check(*args: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k != "YC_IAM_TOKEN"}
+    environ = {k: v for k, v in os.environ.items() if k not in ("YC_IAM_TOKEN", "API_KEY")}
     return subprocess.run([sys.executable, str(ROOT / "entrypoint.py"), "check", *args], env={**environ, **env},
                           capture_output=True, text=True, timeout=180)
 
@@ -115,14 +115,25 @@ def test_node_api_503_is_the_not_ready_line():
 
 
 def test_api_key_of_the_server(start_server, engine):
-    entrypoint = start_server(API_KEY="sk-test-key")
+    """From the option, or from API_KEY as inside the container (the first of its keys)."""
+    entrypoint = start_server(API_KEY="sk-test-key,sk-second-key")
     entrypoint.wait_for_line(LOG_LINES[engine]["running"], timeout=120)
-    assert check(entrypoint.url, "--api-key", "sk-test-key").returncode == 0
+    assert check(entrypoint.url, "--api-key", "sk-second-key").returncode == 0
+    assert check(entrypoint.url, API_KEY="sk-test-key,sk-second-key").returncode == 0
     assert "HTTP 401" in one_error_line(check(entrypoint.url))
 
 
+def test_the_key_goes_beside_node_apis_token(server):
+    """On DataSphere, Authorization carries the IAM token for node-api: the key is sent as x-api-key."""
+    with NodeApiStandin(server.url) as node_api:
+        done = check(node_api.url, "--node-id", "bt1node", "--folder-id", "b1gfolder", "--iam-token", "t1.token",
+                     API_KEY="sk-test-key")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {(sent["authorization"], sent["x-api-key"]) for sent in node_api.requests} == {
+        ("Bearer t1.token", "sk-test-key")}
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--iam-token", "t", "--api-key", "k"], "not both"),
     (["--node-id", "n"], "need --folder-id"),
     (["--node-id", "n", "--alias", "a", "--folder-id", "f"], "--node-id or --alias, not both"),
 ])

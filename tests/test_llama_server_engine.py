@@ -53,6 +53,7 @@ def test_n_ctx_is_each_slots_context(facts, tmp_path):
     assert (option(args, "--ctx-size"), option(args, "--parallel")) == ("8192", "4")
     assert "--no-kv-unified" in args and option(args, "--fit") == "off"
     assert option(args, "--cache-ram") == str(4 * 2048 * facts.kv_bytes_per_token >> 20)
+    assert option(args, "--threads-http") == "12"  # a thread for each slot and each other connection of the front
 
 
 def test_the_ggufs_template_or_a_built_in_one(facts, tmp_path):
@@ -63,11 +64,11 @@ def test_the_ggufs_template_or_a_built_in_one(facts, tmp_path):
         llama_server.command(config(CHAT_FORMAT="saiga"), tmp_path / "m.gguf", facts, 8001)
 
 
-def test_embedding_is_an_option_and_the_api_key_is_not_on_the_command_line(facts, tmp_path):
-    """`ps` shows a command line to anyone in the container: the key goes in the environment."""
+def test_embedding_is_an_option_and_the_api_key_is_the_fronts(facts, tmp_path):
+    """The front checks API_KEY: llama-server gets none, on its command line or in its environment."""
     args = llama_server.command(config(API_KEY="sk-1", EMBEDDING="true"), tmp_path / "m.gguf", facts, 8001)
     assert "--embeddings" in args and not any("sk-1" in arg for arg in args)
-    assert llama_server.environment({}, "", "sk-1")["LLAMA_API_KEY"] == "sk-1"
+    assert "sk-1" not in llama_server.environment({}, "").values()
     assert "--embeddings" not in llama_server.command(config(EMBEDDING="false"), tmp_path / "m.gguf", facts, 8001)
     assert "--embeddings" in llama_server.command(config(EMBEDDING="on"), tmp_path / "m.gguf", facts, 8001)  # pydantic's
 

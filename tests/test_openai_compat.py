@@ -181,7 +181,7 @@ def counts(usage) -> tuple[int, int, int]:
 
 def slots(server) -> int:
     """llama-server's slots (PARALLEL)."""
-    return len(httpx2.get(server.url + "/slots", timeout=30, trust_env=False).json())
+    return len(httpx2.get(server.engine_url + "/slots", timeout=30, trust_env=False).json())  # not passed by the front
 
 
 def text_of(chunks, index: int = 0) -> str:

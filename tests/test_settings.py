@@ -74,7 +74,7 @@ def test_no_empty_setting_reaches_the_server(tmp_path):
             "settings.resolve_runtime(cfg); env = supervisor.server_env(cfg, dict(os.environ)); "
             "print(sorted(k for k, v in env.items() if not v.strip()))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=clean_environ(
-        MODEL_ENV_FILE=str(env_file), **EMPTY_AUTOMATIC, N_BATCH="", API_KEY="", HF_ENDPOINT="", PORT=""))
+        MODEL_ENV_FILE=str(env_file), **EMPTY_AUTOMATIC, N_BATCH="", HF_ENDPOINT="", PORT=""))
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
@@ -109,6 +109,15 @@ def test_a_model_given_nowhere_is_named(tmp_path):
     ({"MAX_QUEUE": "-1"}, r"MAX_QUEUE='-1' is not valid: expected a whole number from 0 to 100000, or empty"),
     ({"MAX_QUEUE": "lots"}, r"MAX_QUEUE='lots' is not valid: expected a whole number from 0 to 100000"),
     ({"LOG_FORMAT": "JSON5"}, r"LOG_FORMAT='JSON5' is not valid: expected text or json"),
+    ({"API_KEY": "sk-one,,sk-two"}, r"API_KEY is not valid: its key 2 of 3 is empty: expected keys of visible ASCII"),
+    ({"API_KEY": "sk-one, sk two"}, r"API_KEY is not valid: its key 2 of 2 is not plain text"),  # never the key
+    ({"METRICS_NEED_KEY": "true"}, r"METRICS_NEED_KEY=true needs API_KEY"),
+    ({"METRICS_NEED_KEY": "maybe"}, r"METRICS_NEED_KEY='maybe' is not valid: expected true or false"),
+    ({"CORS_ORIGINS": "app.example.org"}, r"CORS_ORIGINS='app.example.org' is not valid: expected origins such as"),
+    ({"CORS_ORIGINS": "https://a.org/"}, r"CORS_ORIGINS='https://a.org/' is not valid"),
+    ({"CORS_ORIGINS": "*,https://a.org"}, r"CORS_ORIGINS='\*,https://a.org' is not valid: .*or \* alone"),
+    ({"CLIENT_TIMEOUT": "0"}, r"CLIENT_TIMEOUT='0' is not valid: expected a whole number from 1 to 3600"),
+    ({"MAX_CONNECTIONS": "8"}, r"MAX_CONNECTIONS='8' is not valid: expected a whole number from 16 to 65536"),
 ])
 def test_bad_values_name_the_variable_and_what_is_valid(env_file, environ, message):
     with pytest.raises(UserError, match=message):
@@ -134,8 +143,16 @@ def test_the_automatic_queue_bound_is_four_per_slot(env_file, model_path):
     assert given["MAX_QUEUE"] == "0"
 
 
+def test_max_connections_leaves_room_for_the_slots_and_the_queue(env_file, model_path):
+    config = load_config({"MAX_QUEUE": "20", "MAX_CONNECTIONS": "28"}, env_file)
+    with pytest.raises(UserError, match=r"MAX_CONNECTIONS=28 is too few: the slots and MAX_QUEUE take 21 .* "
+                                        r"expected at least 29, or empty for automatic"):
+        settings.resolve_runtime(config, model_facts([model_path]))
+
+
 def test_config_prints_each_setting_with_its_source(tmp_path):
-    env_file = write_model_env(tmp_path / "model.env", MODEL="TheBloke/Foo-7B-GGUF", N_BATCH="256")
+    env_file = write_model_env(tmp_path / "model.env", MODEL="TheBloke/Foo-7B-GGUF", N_BATCH="256",
+                               API_KEY="sk-secret-one,sk-secret-two")
     done = run_entrypoint("config", env=clean_environ(MODEL_ENV_FILE=str(env_file), N_CTX="8192"))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -145,6 +162,7 @@ def test_config_prints_each_setting_with_its_source(tmp_path):
     assert "MODEL_ALIAS=Foo-7B  # automatic: repo name" in lines
     assert "N_BATCH=256  # model.env, passed on" in lines
     assert any(line.startswith("N_THREADS=") and "# automatic: affinity" in line for line in lines)
+    assert "API_KEY=(2 keys, hidden)  # model.env" in lines and "sk-secret" not in done.stdout
 
 
 # ------------------------------------------------------------------ engines ---
@@ -160,7 +178,8 @@ def test_llama_server_takes_its_own_variables_and_the_shared_settings(tmp_path):
     env_file = write_model_env(tmp_path / "model.env", MODEL="TheBloke/Foo-7B-GGUF", ENGINE="llama-server",
                                LLAMA_ARG_BATCH="256", API_KEY="sk-1")
     config = load_config({"LLAMA_ARG_FLASH_ATTN": "off", "EMBEDDING": "true"}, env_file)
-    assert config.extra == ["API_KEY", "EMBEDDING", "LLAMA_ARG_BATCH", "LLAMA_ARG_FLASH_ATTN"]  # no localllm defaults
+    assert config.extra == ["EMBEDDING", "LLAMA_ARG_BATCH", "LLAMA_ARG_FLASH_ATTN"]  # no localllm defaults
+    assert config["API_KEY"] == "sk-1"  # the image's own: the front checks it for both engines
     assert (config["LLAMA_ARG_FLASH_ATTN"], config.sources["LLAMA_ARG_FLASH_ATTN"]) == ("off", "env")
 
 
@@ -175,7 +194,10 @@ def test_llama_server_takes_its_own_variables_and_the_shared_settings(tmp_path):
                                                  "set N_THREADS"),
     ("llama-server", {"CHAT_FORMAT": "functionary"}, "CHAT_FORMAT='functionary' has no equivalent in llama-server"),
     ("localllm", {"PARALLEL": "4"}, "PARALLEL='4' is a setting of ENGINE=llama-server"),
-    ("llama-server", {"LLAMA_API_KEY": "k"}, "LLAMA_API_KEY is set by the image from its own settings: set API_KEY"),
+    ("llama-server", {"LLAMA_API_KEY": "k"}, "LLAMA_API_KEY is set by the image from its own settings: set API_KEY "
+                                             "(the front on PORT checks it)"),
+    ("llama-server", {"LLAMA_ARG_CORS_ORIGINS": "*"}, "LLAMA_ARG_CORS_ORIGINS is set by the image from its own "
+                                                      "settings: set CORS_ORIGINS"),
     ("llama-server", {"LLAMA_ARG_ENDPOINT_METRICS": "0"}, "LLAMA_ARG_ENDPOINT_METRICS is set by the image from its "
                                                           "own settings: leave it: the front on PORT serves /metrics"),
     ("llama-server", {"PARALLEL": "many"}, "PARALLEL='many' is not valid: expected a whole number from 1 to 256, "
@@ -206,6 +228,19 @@ def test_config_shows_the_engine_and_llama_servers_command(tmp_path, pulled_home
     assert f"PARALLEL={slots}  # automatic: {cpus} CPUs, within 4..16" in lines
     assert "LLAMA_ARG_BATCH=256  # model.env, passed on" in lines
     assert f"MAX_QUEUE={4 * slots}  # automatic: 4 per slot, {slots} slots" in lines
+    assert f"MAX_CONNECTIONS={max(256, 10 * slots)}  # automatic: at least 256, twice the slots and MAX_QUEUE" in lines
     command = next(line for line in lines if line.startswith("# llama-server's command (BACKEND_PORT: "))
     assert "/llama-server --model " in command and "gemma-3-270m-Q4_K_M.gguf" in command
     assert f" --ctx-size {1024 * slots} --parallel {slots} " in command and " --threads 2 " in command
+    assert f" --threads-http {slots + 8} " in command
+
+
+def test_the_key_goes_to_the_front_only_and_never_on_a_command_line(env_file, model_path):
+    """The front checks API_KEY for both engines: an engine given it would refuse the front's
+    requests (which carry no key), and `ps` shows any command line in the container."""
+    from localllm_container import supervisor
+    config = load_config({"API_KEY": "sk-front-only"}, env_file)
+    settings.resolve_runtime(config, model_facts([model_path]))
+    assert "API_KEY" not in supervisor.server_env(config, {"API_KEY": "sk-front-only", "HOME": "/tmp"})
+    command, env = supervisor.front_process(config, 8001, {})
+    assert env["API_KEY"] == "sk-front-only" and not any("sk-front-only" in arg for arg in command)

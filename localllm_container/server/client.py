@@ -8,7 +8,9 @@ import contextvars
 
 from .translate import BadRequest
 
-MAX_BODY_BYTES = 16 << 20  # far above any prompt that fits a context; a bound on what one request can make us hold
+# Far above any prompt that fits a context, and DataSphere's node-api takes no more (16 MB):
+# a bound on what one request can make us hold (the front's, and the guard's again).
+MAX_BODY_BYTES = 16 << 20
 
 
 GENERATION: contextvars.ContextVar = contextvars.ContextVar("generation", default=None)

@@ -26,8 +26,7 @@ class RequestGuard:
     clients send into what the app runs (translate), and puts the reply together from
     the app's: one run per choice, the served alias as `model`. While the app runs it
     listens for the client, so a client that leaves stops its generation (Generation).
-    It runs before the API key check, which is in the app: a caller without the key
-    learns no more than /openapi.json says."""
+    The front has checked the key and the bounds (front/limits.py) before a request gets here."""
 
     def __init__(self, app, model: ServedModel):
         self.app, self.model = app, model

@@ -1,0 +1,182 @@
+"""The bounds on a request body, checked by the front before an engine sees it, the same
+for both engines: a body too deep, a grammar or JSON schema that would make llama.cpp
+recurse without end (a SIGSEGV that ends the container), or more prompts, stop strings,
+inputs or tools than any real client sends, is a 400 naming the field and the bound.
+Pure: bytes and parsed JSON in, BadRequest out (docs/*/reliability.md has the table).
+"""
+from __future__ import annotations
+
+import json
+import re
+
+from ..server.translate import MAX_CHOICES, BadRequest
+
+# Where each bound comes from: OpenAI's own limits where it has one, else far above what
+# llama.cpp's own examples and today's clients send, and far below what breaks llama.cpp.
+MAX_JSON_DEPTH = 100  # the deepest real body (a schema in a tool) nests about 30 levels; Python's parser stops near 1,000
+MAX_SCHEMA_BYTES = 256 << 10  # OpenAI allows 120,000 characters of names in a schema; the rest is a few times that
+MAX_SCHEMA_DEPTH = 64  # OpenAI allows 10 levels of object nesting, about 25 JSON levels
+MAX_GRAMMAR_BYTES = 256 << 10  # llama.cpp's largest sample grammar is 1.4 KB; a converted schema stays below this
+MAX_GRAMMAR_DEPTH = 64  # parentheses; llama.cpp's samples nest 2 deep; 100,000 overflowed its parser's stack
+MAX_PATTERN_DEPTH = 64  # parentheses in a schema's regular expression, which llama.cpp turns into a grammar
+MAX_STOP = 16  # OpenAI takes 4 stop strings
+MAX_PROMPTS = 16  # prompts in one completion request; each is a whole answer's work
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own bound (LangChain sends 1,000 at a time)
+MAX_TOOLS = 128  # OpenAI's own bound
+MAX_LOGPROBS = 20  # OpenAI's own bound on top_logprobs; more made a reply of the whole vocabulary per token
+EMBEDDING_ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/embedding"})
+COMPLETION_ROUTES = frozenset({"/v1/completions", "/completions", "/completion"})
+
+
+def parsed_body(body: bytes) -> dict:
+    """The body as a JSON object, or BadRequest: not JSON, not an object, or nested deeper
+    than MAX_JSON_DEPTH (Python's own parser gives up near 1,000 levels with RecursionError)."""
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        data = None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if data is None or too_deep(data, MAX_JSON_DEPTH):
+        raise BadRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays")
+    if not isinstance(data, dict):
+        raise BadRequest(f"the request body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def too_deep(value, limit: int) -> bool:
+    """True when `value` nests more than `limit` objects and arrays (not recursive: the
+    value may be as deep as the parser allows)."""
+    pending = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def check_request(route: str, data: dict) -> None:
+    """Every bound of one request body; BadRequest for the first one it passes."""
+    grammar = data.get("grammar")
+    if isinstance(grammar, str):
+        check_grammar(grammar, "grammar")
+    for param, schema in schemas(data):
+        check_schema(schema, param)
+    check_count(data, "stop", MAX_STOP, "stop strings")
+    check_count(data, "stop_sequences", MAX_STOP, "stop sequences")
+    check_count(data, "tools", MAX_TOOLS, "tools")
+    check_count(data, "functions", MAX_TOOLS, "functions")
+    for name in ("n", "n_cmpl"):
+        if whole_number(data.get(name)) > MAX_CHOICES:
+            raise BadRequest(f"{name}: at most {MAX_CHOICES} choices in one request on this server, got {data[name]} "
+                             "(each is a whole answer's work; for more, send the request again)", name)
+    for name in ("logprobs", "top_logprobs", "n_probs"):  # chat's logprobs is true or false
+        if whole_number(data.get(name)) > MAX_LOGPROBS:
+            raise BadRequest(f"{name}: at most {MAX_LOGPROBS} log probabilities a token, got {data[name]}", name)
+    if route in COMPLETION_ROUTES:
+        check_inputs(data, "prompt", MAX_PROMPTS, "prompts")
+    if route in EMBEDDING_ROUTES:
+        for name in ("input", "content"):
+            check_inputs(data, name, MAX_EMBEDDING_INPUTS, "inputs")
+    if "grammar_triggers" in data:  # llama-server's own field
+        raise BadRequest("grammar_triggers: not taken on this server (a pattern in it is a regular expression "
+                         "llama.cpp matches at every token); send grammar or response_format", "grammar_triggers")
+
+
+def whole_number(value) -> int:
+    """`value` if it is a whole number, else 0 (the engines name other types themselves)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def check_count(data: dict, name: str, limit: int, what: str) -> None:
+    value = data.get(name)
+    if isinstance(value, list) and len(value) > limit:
+        raise BadRequest(f"{name}: at most {limit} {what} in one request on this server, got {len(value)}", name)
+
+
+def check_inputs(data: dict, name: str, limit: int, what: str) -> None:
+    """A list of texts or of token lists is that many inputs; a list of numbers is one."""
+    value = data.get(name)
+    if isinstance(value, list) and not all(isinstance(item, int) for item in value):
+        check_count(data, name, limit, what)
+
+
+def schemas(data: dict):
+    """(param, schema) for each JSON schema in the body that an engine turns into a grammar:
+    OpenAI's response_format and tools (Chat Completions and Responses), Anthropic's tools,
+    llama-server's json_schema and llama-cpp-python's response_format.schema."""
+    def objects(value, *keys):
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    for param in ("json_schema", "response_format.schema", "response_format.json_schema.schema",
+                  "text.format.schema"):
+        schema = objects(data, *param.split("."))
+        if schema is not None:
+            yield param, schema
+    for name, keys in (("tools", ("function.parameters", "parameters", "input_schema")),
+                       ("functions", ("parameters",))):
+        tools = data.get(name)
+        for index, tool in enumerate(tools if isinstance(tools, list) else []):
+            for key in keys:
+                schema = objects(tool, *key.split("."))
+                if schema is not None:
+                    yield f"{name}.{index}.{key}", schema
+
+
+def check_schema(schema, param: str) -> None:
+    size = len(json.dumps(schema))
+    if size > MAX_SCHEMA_BYTES:
+        raise BadRequest(f"{param}: this JSON schema takes {size} bytes; at most {MAX_SCHEMA_BYTES >> 10} KiB "
+                         "on this server", param)
+    if too_deep(schema, MAX_SCHEMA_DEPTH):
+        raise BadRequest(f"{param}: this JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels of objects and "
+                         "arrays", param)
+    for pattern in patterns(schema):
+        if nesting(pattern, regex=True) > MAX_PATTERN_DEPTH:
+            raise BadRequest(f"{param}: a pattern in this JSON schema nests more than {MAX_PATTERN_DEPTH} "
+                             "parentheses", param)
+
+
+def patterns(schema):
+    """Every string under a "pattern" key, at any depth (the schema is bounded already)."""
+    pending = [schema]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("pattern"), str):
+                yield item["pattern"]
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+
+
+def check_grammar(grammar: str, param: str) -> None:
+    size = len(grammar.encode("utf-8", "surrogatepass"))
+    if size > MAX_GRAMMAR_BYTES:
+        raise BadRequest(f"{param}: this grammar takes {size} bytes; at most {MAX_GRAMMAR_BYTES >> 10} KiB on this "
+                         "server", param)
+    depth = nesting(grammar)
+    if depth > MAX_GRAMMAR_DEPTH:
+        raise BadRequest(f"{param}: this grammar nests {depth} levels of parentheses; at most {MAX_GRAMMAR_DEPTH} "
+                         "on this server", param)
+
+
+# A GBNF grammar's pieces in which parentheses do not nest: "literals", [classes] and # comments.
+GBNF_INERT = re.compile(r'"(?:[^"\\]|\\.)*"?|\[(?:[^\]\\]|\\.)*\]?|#[^\r\n]*', re.S)
+# A regular expression's: [classes] and escaped characters.
+REGEX_INERT = re.compile(r"\[(?:[^\]\\]|\\.)*\]?|\\.", re.S)
+
+
+def nesting(text: str, regex: bool = False) -> int:
+    """The deepest nesting of parentheses in a GBNF grammar (or a regular expression),
+    outside the parts where llama.cpp's parsers read them as characters."""
+    bare = (REGEX_INERT if regex else GBNF_INERT).sub(" ", text)
+    depth = deepest = 0
+    for char in re.sub(r"[^()]", "", bare):
+        depth += 1 if char == "(" else -1
+        deepest = max(deepest, depth)
+    return deepest
