@@ -24,7 +24,10 @@ echo "$pinned" > "$dest/requirement.txt"
 build=$(mktemp -d)
 python3 -m venv "$build"
 "$build/bin/pip" install --quiet --require-hashes --no-deps -r "$requirements/build.txt"
-"$build/bin/pip" download --quiet --require-hashes --no-deps --no-binary :all: -d "$dest" -r "$dest/requirement.txt"
+# No build isolation here either: pip reads the sdist's metadata with the pinned backend above,
+# instead of fetching (and, with no binaries allowed, compiling) an unpinned one.
+"$build/bin/pip" download --quiet --require-hashes --no-deps --no-build-isolation --no-binary llama-cpp-python \
+    -d "$dest" -r "$dest/requirement.txt"
 CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$build/bin/pip" wheel --quiet --no-build-isolation --no-deps \
     -w "$dest/wheels" "$dest"/llama_cpp_python-*.tar.gz
 tar -xzf "$dest"/llama_cpp_python-*.tar.gz -C "$dest"
