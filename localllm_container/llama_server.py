@@ -139,14 +139,15 @@ def command(config, model_path: Path, model: ModelFacts, port: int | str) -> lis
         args += ["--no-jinja", "--chat-template", chat_template(config["CHAT_FORMAT"])]
     else:
         args += ["--jinja"]  # the GGUF's own template, with tools
-    if embedding_on(config.values.get("EMBEDDING", "")):
+    if server_flag(config.values.get("EMBEDDING", "")):
         args += ["--embeddings"]
     return args
 
 
-def embedding_on(value: str) -> bool:
-    """EMBEDDING read as llama-cpp-python's server reads it (pydantic's bool: on, yes, 1, true...),
-    so the same value means the same on both engines; settings validated it already."""
+def server_flag(value: str) -> bool:
+    """A flag of llama-cpp-python's server (EMBEDDING, INTERRUPT_REQUESTS) read as it reads it
+    (pydantic's bool: on, yes, 1, true...), so the same value means the same on both engines;
+    settings validated it already."""
     import pydantic
     return bool(value) and pydantic.TypeAdapter(bool).validate_python(value)
 

@@ -347,6 +347,15 @@ def answered_at_once(config: Config) -> int:
     return int(config["PARALLEL"]) if config["ENGINE"] == "llama-server" else 1
 
 
+def passed_at_once(config: Config) -> int:
+    """Requests the front lets reach the engine at once: one per slot, so that those waiting
+    wait at the front; with INTERRUPT_REQUESTS=true every admitted one, since a new request
+    must reach llama-cpp-python to cut off the answer it is giving."""
+    if config["ENGINE"] == "localllm" and llama_server.server_flag(config.values.get("INTERRUPT_REQUESTS", "")):
+        return answered_at_once(config) + int(config["MAX_QUEUE"])
+    return answered_at_once(config)
+
+
 def model_env_path() -> Path:
     return Path(os.environ.get("MODEL_ENV_FILE", "").strip() or MODEL_ENV_DEFAULT)
 

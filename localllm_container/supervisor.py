@@ -30,7 +30,7 @@ import psutil
 from . import llama_server
 from .cpu import backend_environ
 from .server.log import START_ERROR_VARIABLE
-from .settings import BOOLEANS, ROOT, Config, answered_at_once
+from .settings import BOOLEANS, ROOT, Config, answered_at_once, passed_at_once
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -284,6 +284,7 @@ def front_process(config: Config, backend_port: int, environ: dict[str, str]) ->
     command = [sys.executable, "-m", "localllm_container.front", "--port", config["PORT"],
                "--backend", f"http://127.0.0.1:{backend_port}", "--engine", config["ENGINE"],
                "--alias", config["MODEL_ALIAS"], "--slots", str(answered_at_once(config)),
+               "--passed-at-once", str(passed_at_once(config)),
                "--max-queue", config["MAX_QUEUE"], "--log-format", config["LOG_FORMAT"],
                # answers in flight at a stop may finish until then; the supervisor kills at STOP_TIMEOUT - 1.5 s
                "--graceful", str(max(1, int(config["STOP_TIMEOUT"]) - 3)),

@@ -274,7 +274,7 @@ class Container:
         return Path(self.log.name).read_text(errors="replace")
 
     def remove(self) -> None:
-        for pid in [pid for needle in ("/app/entrypoint.py serve", *SERVER_PROCESS.values())
+        for pid in [pid for needle in ("/app/entrypoint.py serve", "localllm_container.front", *SERVER_PROCESS.values())
                     for pid in self.processes(needle)]:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -17,6 +17,7 @@ from .connections import BoundedProtocol
 @click.option("--engine", required=True)
 @click.option("--alias", required=True)
 @click.option("--slots", type=int, required=True)
+@click.option("--passed-at-once", type=int, required=True, help="requests the engine gets at once (the rest wait here)")
 @click.option("--max-queue", type=int, required=True)
 @click.option("--add-usage/--no-add-usage", default=False)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
@@ -26,11 +27,11 @@ from .connections import BoundedProtocol
 @click.option("--cors-origins", default="", help="CORS_ORIGINS")
 @click.option("--metrics-need-key/--metrics-open", default=False)
 @click.option("--api-key", envvar="API_KEY", default="", show_envvar=True, help="API_KEY (from the environment)")
-def main(port, backend, engine, alias, slots, max_queue, add_usage, log_format, graceful, client_timeout,
-         max_connections, cors_origins, metrics_need_key, api_key) -> None:
+def main(port, backend, engine, alias, slots, passed_at_once, max_queue, add_usage, log_format, graceful,
+         client_timeout, max_connections, cors_origins, metrics_need_key, api_key) -> None:
     log.setup(log_format)
     front = Front(Settings(engine, alias, backend, slots, max_queue, add_usage, api_key, metrics_need_key,
-                           cors_origins, client_timeout))
+                           cors_origins, client_timeout, passed_at_once))
     uvicorn.run(front, host="0.0.0.0", port=port, access_log=False, log_config=None, lifespan="on",
                 timeout_graceful_shutdown=graceful, server_header=False, ws="none",
                 http=BoundedProtocol.bounded(max_connections, client_timeout))

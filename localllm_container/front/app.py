@@ -2,7 +2,8 @@
 order. The route must be one of routes.ROUTES (else a 404 of its own); the key is checked
 (keys) before the body is read; the body must arrive within CLIENT_TIMEOUT and pass the
 bounds (limits); only then does a generating request count toward the slots and
-MAX_QUEUE, and wait its turn here, so the engine gets at most one request per slot. The
+MAX_QUEUE, and wait its turn here, so the engine gets at most one request per slot (all
+of them with INTERRUPT_REQUESTS=true, so that a new one can cut the answer off). The
 answer is passed back as it comes, measured on the way (tokens from their usage, time to
 the first event of a stream, duration); a client that stops reading it for CLIENT_TIMEOUT
 is dropped, which stops its generation. /health and /metrics are the front's own.
@@ -33,7 +34,10 @@ from .routes import METRICS_PATH, OTHER_CONNECTIONS, PROBE_CONNECTIONS, ROUTES, 
 QUIET_ROUTES = frozenset({HEALTH_PATH, METRICS_PATH})
 CLIENT_LEFT = 499  # logged and counted for a request whose client left before any answer (nginx's code)
 HEALTH_TIMEOUT = 2.0  # an engine that does not answer its own /health this fast is not answering
-THREAD_BODY_BYTES = 256 << 10  # larger bodies are parsed and checked off the event loop
+THREAD_BODY_BYTES = 256 << 10  # larger bodies are parsed and checked off the event loop, two at a time
+# Bodies being received at once, all requests together: beyond, a 503 at once. Eight bodies
+# of the largest size; without it MAX_CONNECTIONS uploads could hold gigabytes.
+RECEIVING_BYTES = 8 * MAX_BODY_BYTES
 # Not passed on, either way: hop-by-hop headers, the length of a body the front may change,
 # the date (uvicorn writes its own),
 # request ids (the front's own goes to the engine under a name of its own), the keys (checked
@@ -56,6 +60,7 @@ class Settings:
     metrics_need_key: bool = False
     cors_origins: str = ""
     client_timeout: float = 60.0
+    passed_at_once: int = 0  # requests the engine gets at once (0: one per slot); the rest wait here
 
 
 class Refused(Exception):
@@ -80,15 +85,17 @@ class Front:
         self.keys, self.cors = Keys(settings.api_key), Cors(settings.cors_origins)
         self.metrics = Metrics(settings.engine, settings.alias, settings.slots, settings.max_queue)
         self.admitted = 0  # generating requests answered or waiting
-        self.turns = anyio.Semaphore(settings.slots)  # first come, first served: one per slot
+        self.receiving = 0  # bytes of the bodies on their way in
+        self.checking = anyio.CapacityLimiter(2)  # large bodies parsed at once
+        passed = settings.passed_at_once or settings.slots
+        self.turns = anyio.Semaphore(passed)  # first come, first served
         self.recent: list[float] = []  # durations of the last answers, for Retry-After
 
         def client(connections: int) -> httpx2.AsyncClient:
             return httpx2.AsyncClient(base_url=settings.backend, timeout=httpx2.Timeout(None, connect=5),
                                       limits=httpx2.Limits(max_connections=connections), trust_env=False)
         # Each pool is bounded, so llama-server's HTTP threads cover them all (routes.OTHER_CONNECTIONS).
-        self.engine, self.other, self.probe = (client(settings.slots), client(OTHER_CONNECTIONS),
-                                               client(PROBE_CONNECTIONS))
+        self.engine, self.other, self.probe = client(passed), client(OTHER_CONNECTIONS), client(PROBE_CONNECTIONS)
         logging.getLogger("uvicorn.error").addFilter(not_slow_client)
 
     async def __call__(self, scope, receive, send) -> None:
@@ -165,18 +172,26 @@ class Front:
         """The whole body within CLIENT_TIMEOUT, at most MAX_BODY_BYTES; a client that left
         ends the request (ClientLeft)."""
         chunks, size = [], 0
-        with anyio.move_on_after(self.settings.client_timeout) as waited:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientLeft
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                if size > MAX_BODY_BYTES:
-                    raise Refused(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB",
-                                  headers=[(b"connection", b"close")])
-                if not message.get("more_body"):
-                    return b"".join(chunks)
+        try:
+            with anyio.move_on_after(self.settings.client_timeout) as waited:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientLeft
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    self.receiving += len(chunks[-1])
+                    if size > MAX_BODY_BYTES:
+                        raise Refused(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB",
+                                      headers=[(b"connection", b"close")])
+                    if self.receiving > RECEIVING_BYTES:
+                        raise Refused(503, f"the server is receiving {RECEIVING_BYTES >> 20} MiB of requests at "
+                                      "once; retry in a moment", code="server_busy",
+                                      headers=[(b"retry-after", b"1"), (b"connection", b"close")])
+                    if not message.get("more_body"):
+                        return b"".join(chunks)
+        finally:
+            self.receiving -= size
         assert waited.cancelled_caught
         raise Refused(408, f"the request body did not arrive within {self.settings.client_timeout:g} s "
                       "(CLIENT_TIMEOUT)", headers=[(b"connection", b"close")])
@@ -189,7 +204,9 @@ class Front:
             check_request(route.path, data)
             return data
         try:
-            return check() if len(body) <= THREAD_BODY_BYTES else await anyio.to_thread.run_sync(check)
+            if len(body) <= THREAD_BODY_BYTES:
+                return check()
+            return await anyio.to_thread.run_sync(check, limiter=self.checking)
         except BadRequest as bad:
             raise Refused(bad.status, str(bad), bad.param) from None
 
