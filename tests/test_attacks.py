@@ -16,7 +16,9 @@ import socket
 import threading
 import time
 
+import anthropic
 import httpx2
+import openai
 import pytest
 
 from conftest import ALIAS, launch
@@ -177,6 +179,28 @@ def test_the_key_is_checked_before_the_body_arrives_in_either_header_and_any_of_
     assert anthropic.status_code == 401 and anthropic.json()["error"]["type"] == "authentication_error"
     open_routes = [httpx2.get(target.url + path, timeout=10, trust_env=False) for path in ("/health", "/metrics")]
     assert [reply.status_code for reply in open_routes] == [200, 200]
+
+
+def test_each_client_sends_the_key_its_own_way(target, engine):
+    """As their docs write them: openai's api_key (Bearer), on DataSphere beside node-api's token
+    (x-api-key in default_headers); anthropic's api_key (x-api-key), and beside node-api's token
+    (auth_token, the key in default_headers: the client refuses api_key and auth_token together)."""
+    def openai_client(**kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=target.url + "/v1", max_retries=0, timeout=60, **kwargs)
+
+    assert openai_client(api_key=KEYS[1]).models.list().data[0].id == ALIAS
+    datasphere = openai_client(api_key="t1.iam-token", default_headers={"x-api-key": KEYS[0]})
+    assert datasphere.completions.create(model=ALIAS, prompt="Hi", max_tokens=2).choices[0].finish_reason
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(api_key="sk-attack-guess").models.list()
+    if engine == "llama-server":  # the Messages API is llama-server's (the localllm engine: 404)
+        message = dict(model=ALIAS, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+        for kwargs in ({"api_key": KEYS[1]},
+                       {"auth_token": "t1.iam-token", "default_headers": {"x-api-key": KEYS[0]}}):
+            client = anthropic.Anthropic(base_url=target.url, max_retries=0, timeout=60, **kwargs)
+            assert client.messages.create(**message).stop_reason
+        with pytest.raises(anthropic.AuthenticationError):
+            anthropic.Anthropic(base_url=target.url, api_key="sk-attack-guess", max_retries=0).messages.create(**message)
 
 
 def test_stalled_uploads_take_no_place_in_the_queue_and_get_408(target, engine):
