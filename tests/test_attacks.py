@@ -141,6 +141,36 @@ def test_a_schema_nested_deep_is_refused_naming_it(target, path, body, param):
     assert reply.json()["error"]["param"] == param
 
 
+def schema_request(schema) -> dict:
+    return {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+
+
+def test_repetitions_past_llama_cpps_bound_cost_nothing(target):
+    """Before: the localllm engine's converter spelt repetitions out: a maxLength of 10^9 built a
+    string of gigabytes (the server died); a repetition of repetitions, in a pattern or across a
+    grammar's rules, held the slot for minutes per token."""
+    assert post(target, "/v1/chat/completions", schema_request({"type": "string", "maxLength": 10**9})).is_success
+    too_many = post(target, "/v1/chat/completions", schema_request({"type": "array", "items": {"type": "string"}, "minItems": 10**8}))
+    assert too_many.status_code == 400, too_many.text
+    nested = schema_request({"type": "string", "pattern": "^(a{0,1000}){0,1000}$"})
+    assert_refused(post(target, "/v1/chat/completions", nested), 400, "1000000 repetitions in all")
+    across_rules = 'root ::= "x" a{0,1000}\na ::= "a"{0,1000}'  # llama.cpp multiplies only within one rule
+    reply = post(target, "/v1/completions", {"prompt": "a", "max_tokens": 3, "grammar": across_rules})
+    assert_refused(reply, 400, "grammar: this grammar repeats a rule or group that repeats: 1000000")
+    assert_still_serving(target)
+
+
+def test_a_chat_of_a_hundred_thousand_messages_is_answered_at_once(target):
+    """3.5 MB of short messages: 200,000 special tokens in the prompt. Before
+    (scripts/llama-vocab-special-tokens.patch), llama.cpp's tokenizer took time growing with
+    their square, and had not finished after 10 minutes: the slot was held."""
+    many = {"messages": [{"role": "user", "content": "a"}] * 100_000, "max_tokens": 2}
+    reply = post(target, "/v1/chat/completions", many)
+    assert reply.status_code == 400 and "context" in reply.text, reply.text  # longer than the context
+    assert_still_serving(target)
+
+
 def test_a_body_nested_deeper_than_a_parser_goes_is_a_400(target):
     """Before: 1,000 levels were a RecursionError in the localllm engine's guard, a 500 with a traceback."""
     deep = b'{"prompt": "Hi", "x": ' + b"[" * DEEP + b"]" * DEEP + b"}"

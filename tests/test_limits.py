@@ -37,6 +37,17 @@ def test_a_body_that_is_not_a_json_object_is_refused_saying_why(body, words):
     assert words in str(refused(limits.parsed_body, body))
 
 
+def test_nan_and_infinity_are_not_json():
+    assert "NaN is not a JSON value" in str(refused(limits.parsed_body, b'{"prompt": "Hi", "temperature": NaN}'))
+    assert "-Infinity" in str(refused(limits.parsed_body, b'{"prompt": "Hi", "top_p": -Infinity}'))
+
+
+def test_a_lone_surrogate_is_refused_and_a_pair_passes():
+    """A lone half of a UTF-16 pair cannot be encoded: the localllm engine answered 500."""
+    assert "lone UTF-16 surrogate" in str(refused(limits.parsed_body, b'{"prompt": "\\ud800 hi"}'))
+    assert limits.parsed_body(b'{"prompt": "\\ud83d\\ude00"}')["prompt"] == "\U0001F600"
+
+
 def test_the_deep_grammar_that_crashed_llama_cpp_is_refused_naming_the_field():
     problem = refused(limits.check_request, "/v1/completions", {"prompt": "Hi", "grammar": DEEP_GRAMMAR})
     assert problem.param == "grammar" and "nests 100000 levels of parentheses; at most 64" in str(problem)
@@ -97,6 +108,41 @@ def test_a_schema_past_its_size_or_with_a_deeply_nested_pattern_is_refused():
     limits.check_schema({"type": "string", "pattern": r"^\((\d{3})\) [(]\d+$"}, "x")  # escaped and in a class
 
 
+@pytest.mark.parametrize("grammar, repetitions", [
+    ('root ::= "x" a{0,1000}\na ::= "a"{0,1000}', 1_000_000),  # llama.cpp multiplies only within a rule
+    ('root ::= ("b" a) {0,1000}\na ::= [a-z]{0,1000}', 1_000_000),
+    ('root ::= a{3}\na ::= b{4}\nb ::= "c"{5} # x{99}\n', 60), ('root ::= a*\na ::= "a"{0,1000}', 1),
+    ('root ::= "{" [0-9]{1,4} "}"  # "x"{99}', 1), ('root ::= "yes" | "no"', 1),
+    ("root ::= (a{2}){" + "9" * 5000 + "}\na ::= \"x\"", 19_999_999_998),  # Python reads 4,300 digits at most
+])
+def test_repetitions_nested_across_a_grammars_rules_are_multiplied(grammar, repetitions):
+    assert limits.grammar_repetitions(grammar) == repetitions
+    if repetitions > limits.MAX_NESTED_REPETITIONS:
+        assert f"{repetitions} repetitions" in str(refused(limits.check_grammar, grammar, "grammar"))
+    else:
+        limits.check_grammar(grammar, "grammar")
+
+
+def test_a_grammar_whose_rules_chain_past_the_bound_is_refused():
+    chain = "root ::= r0\n" + "".join(f'r{i} ::= "a" r{i + 1}\n' for i in range(300)) + 'r300 ::= "a"'
+    assert "more than 200 deep" in str(refused(limits.check_grammar, chain, "grammar"))
+    limits.check_grammar("\n".join(chain.splitlines()[:150]) + '\nr149 ::= "a"', "grammar")
+
+
+@pytest.mark.parametrize("pattern, repetitions", [
+    ("^(a{0,1000}){0,1000}$", 1_000_000),  # held a slot for 14 minutes on two tokens
+    ("(?:a{0,45}){0,45}", 2025), ("(a{,50}){50}", 2500), ("((a{2}){3}){4}", 24), (r"\{(a{100}){100}", 10_000),
+    ("^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}$", 1), ("(ab){3}", 1), ("[({]{9}(a){100}", 1), ("(x{3}y){9}", 27),
+])
+def test_repetitions_nested_in_a_pattern_are_multiplied(pattern, repetitions):
+    assert limits.nested_repetitions(pattern) == repetitions
+    schema = {"type": "string", "pattern": pattern}
+    if repetitions > limits.MAX_NESTED_REPETITIONS:
+        assert f"{repetitions} repetitions" in str(refused(limits.check_schema, schema, "x"))
+    else:
+        limits.check_schema(schema, "x")
+
+
 @pytest.mark.parametrize("route, body, param, bound", [
     ("/v1/completions", {"prompt": "Hi", "stop": ["x"] * 17}, "stop", "16 stop strings"),
     ("/v1/messages", {"messages": [], "stop_sequences": ["x"] * 17}, "stop_sequences", "16 stop sequences"),
@@ -107,6 +153,7 @@ def test_a_schema_past_its_size_or_with_a_deeply_nested_pattern_is_refused():
     ("/v1/chat/completions", {"messages": [], "tools": [{"type": "function", "function": {"name": "f"}}] * 129},
      "tools", "128 tools"),
     ("/v1/chat/completions", {"messages": [], "n": 9}, "n", "8 choices"),
+    ("/v1/chat/completions", {"messages": [], "n": 1e6}, "n", "8 choices"),  # llama-server reads 1e6 as a number
     ("/completion", {"prompt": "Hi", "n_cmpl": 9}, "n_cmpl", "8 choices"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 177242110985}, "logprobs", "20 log probabilities"),
     ("/v1/chat/completions", {"messages": [], "logprobs": True, "top_logprobs": 21}, "top_logprobs", "at most 20"),

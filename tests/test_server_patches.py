@@ -24,6 +24,22 @@ def test_each_other_version_is_named():
         "each patch against the new version and update WRITTEN_FOR")
 
 
+@pytest.mark.parametrize("schema, rule", [
+    ({"type": "string", "maxLength": 10**9}, 'root ::= "\\"" char{0,1000000000} "\\"" space'),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 5},
+     'root ::= "[" space integer ("," space integer){1,4} "]" space'),
+    ({"type": "array", "items": {"type": "integer"}}, 'root ::= "[" space (integer ("," space integer)*)? "]" space'),
+    ({"type": "string", "pattern": "^(ab){2,3}c?$"}, 'root ::= "\\"" root-1{2,3} "c"? "\\"" space'),
+])
+def test_schemas_repeat_as_llama_cpp_writes_it(schema, rule):
+    """llama-cpp-python spelt a maxLength of 10^9 out (gigabytes: the server died); llama.cpp
+    bounds x{m,n} itself, as llama-server's converter writes it."""
+    import json
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    patches.write_repetitions_as_llama_cpp_does()
+    assert rule in json_schema_to_gbnf(json.dumps(schema)).splitlines()
+
+
 @pytest.mark.engines("localllm")  # the patches are of llama-cpp-python's server; llama-server is C++
 def test_a_server_with_another_llama_cpp_python_refuses_to_start(start_server, tmp_path):
     """A real start whose server process finds llama-cpp-python 0.3.99 first on its path

@@ -19,6 +19,10 @@ MAX_SCHEMA_DEPTH = 64  # OpenAI allows 10 levels of object nesting, about 25 JSO
 MAX_GRAMMAR_BYTES = 256 << 10  # llama.cpp's largest sample grammar is 1.4 KB; a converted schema stays below this
 MAX_GRAMMAR_DEPTH = 64  # parentheses; llama.cpp's samples nest 2 deep; 100,000 overflowed its parser's stack
 MAX_PATTERN_DEPTH = 64  # parentheses in a schema's regular expression, which llama.cpp turns into a grammar
+# Repetitions nested in a grammar or a schema's pattern, multiplied: llama.cpp's own bound on
+# one repetition (MAX_REPETITION_THRESHOLD), which it multiplies only within one rule.
+# (a{0,1000}){0,1000} held a slot for 14 minutes on two tokens.
+MAX_NESTED_REPETITIONS = 2000
 MAX_STOP = 16  # OpenAI takes 4 stop strings
 MAX_PROMPTS = 16  # prompts in one completion request; each is a whole answer's work
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own bound (LangChain sends 1,000 at a time)
@@ -28,11 +32,14 @@ EMBEDDING_ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/embedding"})
 COMPLETION_ROUTES = frozenset({"/v1/completions", "/completions", "/completion"})
 
 
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # half of a UTF-16 pair, escaped in JSON
+
+
 def parsed_body(body: bytes) -> dict:
     """The body as a JSON object, or BadRequest: not JSON, not an object, or nested deeper
     than MAX_JSON_DEPTH (Python's own parser gives up near 1,000 levels with RecursionError)."""
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=not_json)
     except RecursionError:
         data = None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
@@ -41,7 +48,18 @@ def parsed_body(body: bytes) -> dict:
         raise BadRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays")
     if not isinstance(data, dict):
         raise BadRequest(f"the request body must be a JSON object, not {type(data).__name__}")
+    if SURROGATE_ESCAPE.search(body):  # rare: only then is the whole body encoded once more
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("the request body holds a lone UTF-16 surrogate (\\ud800 to \\udfff without its pair), "
+                             "which is not text") from None
     return data
+
+
+def not_json(constant: str):
+    """NaN and Infinity, which Python's parser takes and JSON (and llama-server: a 500) does not."""
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def too_deep(value, limit: int) -> bool:
@@ -86,7 +104,10 @@ def check_request(route: str, data: dict) -> None:
 
 
 def whole_number(value) -> int:
-    """`value` if it is a whole number, else 0 (the engines name other types themselves)."""
+    """`value` if it is a whole number (llama-server reads 9.0 as 9), else 0 (the engines
+    name other types themselves)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
@@ -139,6 +160,10 @@ def check_schema(schema, param: str) -> None:
         if nesting(pattern, regex=True) > MAX_PATTERN_DEPTH:
             raise BadRequest(f"{param}: a pattern in this JSON schema nests more than {MAX_PATTERN_DEPTH} "
                              "parentheses", param)
+        product = nested_repetitions(pattern)
+        if product > MAX_NESTED_REPETITIONS:
+            raise BadRequest(f"{param}: the pattern {pattern[:80]!r} repeats a group that repeats: {product} "
+                             f"repetitions in all; at most {MAX_NESTED_REPETITIONS} on this server", param)
 
 
 def patterns(schema):
@@ -154,6 +179,78 @@ def patterns(schema):
             pending.extend(item)
 
 
+MAX_RULE_CHAIN = 200  # rules each referring to the next (JSON-schema grammars chain about 30)
+REPEAT = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+RULE_NAME = re.compile(r"[A-Za-z0-9-]+")
+RULE = re.compile(r"^[ \t]*([A-Za-z0-9-]+)[ \t]*::=", re.M)
+
+
+def nested_repetitions(pattern: str) -> int:
+    """The largest product of the {m,n} counts of a repeated group and of the repetitions
+    inside it, in a regular expression; (ab){3} counts 1: it nests nothing."""
+    return repetitions(REGEX_INERT.sub("x", pattern))[0]
+
+
+def grammar_repetitions(grammar: str) -> int:
+    """nested_repetitions for a GBNF grammar, through its rules: in `root ::= a{0,100}` with
+    `a ::= "x"{0,100}`, 10,000 (llama.cpp multiplies only within one rule)."""
+    bare = GBNF_INERT.sub("@", grammar)
+    starts = list(RULE.finditer(bare))
+    bodies = {rule[1]: bare[rule.end():after.start() if after else None]
+              for rule, after in zip(starts, starts[1:] + [None])}
+    products: dict[str, int] = {}
+    chain: list[str] = []  # the rules being weighed, each inside the one before
+
+    def weight(name: str) -> int:
+        if name not in products:
+            if len(chain) >= MAX_RULE_CHAIN:
+                raise BadRequest(f"grammar: its rules refer to one another more than {MAX_RULE_CHAIN} deep "
+                                 "on this server", "grammar")
+            products[name] = 1  # a rule that refers to itself repeats nothing more by it
+            chain.append(name)
+            products[name] = repetitions(bodies.get(name, ""), weight)[1]
+            chain.pop()
+        return products[name]
+
+    return max((repetitions(body, weight)[0] for body in bodies.values()), default=1)
+
+
+def repetitions(text: str, weight=None) -> tuple[int, int]:
+    """(the largest product of nested {m,n} counts, the largest product of any) in a regular
+    expression, or in a GBNF rule's body when `weight` gives each rule name's own product."""
+    inside = [1]  # the largest product within each open group
+    last = 1  # the product within the atom just read (a closed group's, a rule's)
+    largest = 1
+    position = 0
+    while position < len(text):
+        char = text[position]
+        name = RULE_NAME.match(text, position) if weight else None
+        repeat = REPEAT.match(text, position) if char == "{" else None
+        if name:
+            last = weight(name[0])
+            inside[-1] = max(inside[-1], last)
+            position = name.end()
+            continue
+        if repeat:
+            count = max(int(number[:10]) for number in repeat.groups() if number) if any(repeat.groups()) else 1
+            product = last * count
+            inside[-1] = max(inside[-1], product)
+            if last > 1:
+                largest = max(largest, product)
+            position, last = repeat.end(), 1
+            continue
+        if char == "(":
+            inside.append(1)
+            last = 1
+        elif char == ")" and len(inside) > 1:
+            last = inside.pop()
+            inside[-1] = max(inside[-1], last)
+        elif not (weight and char.isspace()):  # GBNF allows a space before {m,n}
+            last = 1
+        position += 1
+    return largest, inside[0]
+
+
 def check_grammar(grammar: str, param: str) -> None:
     size = len(grammar.encode("utf-8", "surrogatepass"))
     if size > MAX_GRAMMAR_BYTES:
@@ -163,6 +260,10 @@ def check_grammar(grammar: str, param: str) -> None:
     if depth > MAX_GRAMMAR_DEPTH:
         raise BadRequest(f"{param}: this grammar nests {depth} levels of parentheses; at most {MAX_GRAMMAR_DEPTH} "
                          "on this server", param)
+    product = grammar_repetitions(grammar)
+    if product > MAX_NESTED_REPETITIONS:
+        raise BadRequest(f"{param}: this grammar repeats a rule or group that repeats: {product} repetitions in "
+                         f"all; at most {MAX_NESTED_REPETITIONS} on this server", param)
 
 
 # A GBNF grammar's pieces in which parentheses do not nest: "literals", [classes] and # comments.

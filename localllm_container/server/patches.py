@@ -74,6 +74,7 @@ def install() -> logging.Filter:
 
     server_app.create_app = create_guarded_app
     refuse_unparsed_grammars()
+    write_repetitions_as_llama_cpp_does()
     AppStatus.disable_automatic_graceful_drain()
     return logging.Filter()  # a filter in name only: it lets every record through
 
@@ -135,6 +136,32 @@ def refuse_unparsed_grammars() -> None:
         llama_cpp.llama_sampler_chain_add(self.sampler, sampler)
 
     LlamaSampler.add_grammar = add_grammar
+
+
+def write_repetitions_as_llama_cpp_does() -> None:
+    """JSON schemas become grammars with repetitions written `x{m,n}`, as llama.cpp's own
+    converter (llama-server's) writes them, so that llama.cpp bounds them itself: a minimum
+    above 2,000 is refused, a maximum above it is read as none. llama-cpp-python's converter
+    spells each repetition out instead: `"maxLength": 1000000000` built a string of gigabytes
+    (the server died), and 300 nested 300 parentheses deep, past the grammar parser's bound."""
+    from llama_cpp import llama_grammar
+
+    def build_repetition(item_rule, min_items, max_items, separator_rule=None, item_rule_is_literal=False):
+        if max_items == 0:
+            return ""
+        if min_items == max_items == 1:
+            return item_rule
+        if min_items == 0 and max_items == 1:
+            return f"{item_rule}?"
+        if not separator_rule:
+            if max_items is None and min_items in (0, 1):
+                return f"{item_rule}{'*+'[min_items]}"
+            return f"{item_rule}{{{min_items},{'' if max_items is None else max_items}}}"
+        rest = build_repetition(f"({separator_rule} {item_rule})", max(min_items - 1, 0),
+                                None if max_items is None else max_items - 1)
+        return f"({item_rule} {rest})?" if min_items == 0 else f"{item_rule} {rest}"
+
+    llama_grammar._build_repetition = build_repetition
 
 
 def watch_generations(llama) -> None:
