@@ -37,9 +37,13 @@ def test_a_body_that_is_not_a_json_object_is_refused_saying_why(body, words):
     assert words in str(refused(limits.parsed_body, body))
 
 
-def test_nan_and_infinity_are_not_json():
+def test_nan_infinity_and_numbers_past_a_double_are_refused():
+    """llama-server answered each with a 500 (its parser's own error)."""
     assert "NaN is not a JSON value" in str(refused(limits.parsed_body, b'{"prompt": "Hi", "temperature": NaN}'))
     assert "-Infinity" in str(refused(limits.parsed_body, b'{"prompt": "Hi", "top_p": -Infinity}'))
+    assert "1e400 is larger" in str(refused(limits.parsed_body, b'{"prompt": "Hi", "temperature": 1e400}'))
+    assert "more digits" in str(refused(limits.parsed_body, b'{"prompt": "Hi", "seed": 1' + b"0" * 400 + b"}"))
+    assert limits.parsed_body(b'{"temperature": 1e300, "seed": 18446744073709551615}')["temperature"] == 1e300
 
 
 def test_a_lone_surrogate_is_refused_and_a_pair_passes():
@@ -114,6 +118,9 @@ def test_a_schema_past_its_size_or_with_a_deeply_nested_pattern_is_refused():
     ('root ::= a{3}\na ::= b{4}\nb ::= "c"{5} # x{99}\n', 60), ('root ::= a*\na ::= "a"{0,1000}', 1),
     ('root ::= "{" [0-9]{1,4} "}"  # "x"{99}', 1), ('root ::= "yes" | "no"', 1),
     ("root ::= (a{2}){" + "9" * 5000 + "}\na ::= \"x\"", 19_999_999_998),  # Python reads 4,300 digits at most
+    ('root ::= a{0,1000}\ra ::= "x"{0,1000}', 1_000_000),  # llama.cpp ends a rule at a lone CR too
+    ('root ::= ( ("x"{0,1000}){0,#\n1000} )', 1_000_000),  # a comment inside the braces
+    ('root ::= "x"{' + " " * 100_000, 1),  # a regular expression backtracked on this for minutes
 ])
 def test_repetitions_nested_across_a_grammars_rules_are_multiplied(grammar, repetitions):
     assert limits.grammar_repetitions(grammar) == repetitions
@@ -133,6 +140,8 @@ def test_a_grammar_whose_rules_chain_past_the_bound_is_refused():
     ("^(a{0,1000}){0,1000}$", 1_000_000),  # held a slot for 14 minutes on two tokens
     ("(?:a{0,45}){0,45}", 2025), ("(a{,50}){50}", 2500), ("((a{2}){3}){4}", 24), (r"\{(a{100}){100}", 10_000),
     ("^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}$", 1), ("(ab){3}", 1), ("[({]{9}(a){100}", 1), ("(x{3}y){9}", 27),
+    ("(a{0,1000}){0,+1000}", 1_000_000), ("(a{0,1000}){0,1000x}", 1_000_000),  # as std::stoi reads them
+    ("(a{0,1000}){0,1_000}", 1_000_000), ("a{" + " " * 100_000, 1), ("{{{{" * 10_000 + "}", 1),
 ])
 def test_repetitions_nested_in_a_pattern_are_multiplied(pattern, repetitions):
     assert limits.nested_repetitions(pattern) == repetitions

@@ -6,7 +6,9 @@ Pure: bytes and parsed JSON in, BadRequest out (docs/*/reliability.md has the ta
 """
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import re
 
 from ..server.translate import MAX_CHOICES, BadRequest
@@ -39,7 +41,7 @@ def parsed_body(body: bytes) -> dict:
     """The body as a JSON object, or BadRequest: not JSON, not an object, or nested deeper
     than MAX_JSON_DEPTH (Python's own parser gives up near 1,000 levels with RecursionError)."""
     try:
-        data = json.loads(body, parse_constant=not_json)
+        data = json.loads(body, parse_constant=not_json, parse_float=finite, parse_int=finite_int)
     except RecursionError:
         data = None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
@@ -60,6 +62,20 @@ def parsed_body(body: bytes) -> dict:
 def not_json(constant: str):
     """NaN and Infinity, which Python's parser takes and JSON (and llama-server: a 500) does not."""
     raise ValueError(f"{constant} is not a JSON value")
+
+
+def finite(number: str) -> float:
+    """A number a double holds: 1e400 was infinity here and a 500 in llama-server."""
+    value = float(number)
+    if math.isinf(value):
+        raise ValueError(f"{number[:40]} is larger than a number can be here")
+    return value
+
+
+def finite_int(number: str) -> int:
+    if len(number) > 300:  # past a double's range (Python itself reads at most 4,300 digits)
+        raise ValueError(f"{number[:40]}... has more digits than a number can have here")
+    return int(number)
 
 
 def too_deep(value, limit: int) -> bool:
@@ -180,7 +196,8 @@ def patterns(schema):
 
 
 MAX_RULE_CHAIN = 200  # rules each referring to the next (JSON-schema grammars chain about 30)
-REPEAT = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+# A count as llama.cpp's std::stoi and llama-cpp-python's int() read it: " +1_000x" is 1000.
+COUNT = re.compile(r"\s*\+?(\d[\d_]*)")
 RULE_NAME = re.compile(r"[A-Za-z0-9-]+")
 RULE = re.compile(r"^[ \t]*([A-Za-z0-9-]+)[ \t]*::=", re.M)
 
@@ -194,7 +211,7 @@ def nested_repetitions(pattern: str) -> int:
 def grammar_repetitions(grammar: str) -> int:
     """nested_repetitions for a GBNF grammar, through its rules: in `root ::= a{0,100}` with
     `a ::= "x"{0,100}`, 10,000 (llama.cpp multiplies only within one rule)."""
-    bare = GBNF_INERT.sub("@", grammar)
+    bare = GBNF_INERT.sub("@", grammar).replace("\r", "\n")  # llama.cpp ends a rule at either
     starts = list(RULE.finditer(bare))
     bodies = {rule[1]: bare[rule.end():after.start() if after else None]
               for rule, after in zip(starts, starts[1:] + [None])}
@@ -218,6 +235,7 @@ def grammar_repetitions(grammar: str) -> int:
 def repetitions(text: str, weight=None) -> tuple[int, int]:
     """(the largest product of nested {m,n} counts, the largest product of any) in a regular
     expression, or in a GBNF rule's body when `weight` gives each rule name's own product."""
+    braces = {char: [index for index, found in enumerate(text) if found == char] for char in "{}"}
     inside = [1]  # the largest product within each open group
     last = 1  # the product within the atom just read (a closed group's, a rule's)
     largest = 1
@@ -225,19 +243,19 @@ def repetitions(text: str, weight=None) -> tuple[int, int]:
     while position < len(text):
         char = text[position]
         name = RULE_NAME.match(text, position) if weight else None
-        repeat = REPEAT.match(text, position) if char == "{" else None
+        repeat = repetition_at(text, position, braces, skip="@" if weight else "") if char == "{" else None
         if name:
             last = weight(name[0])
             inside[-1] = max(inside[-1], last)
             position = name.end()
             continue
         if repeat:
-            count = max(int(number[:10]) for number in repeat.groups() if number) if any(repeat.groups()) else 1
+            position, count = repeat
             product = last * count
             inside[-1] = max(inside[-1], product)
             if last > 1:
                 largest = max(largest, product)
-            position, last = repeat.end(), 1
+            last = 1
             continue
         if char == "(":
             inside.append(1)
@@ -249,6 +267,25 @@ def repetitions(text: str, weight=None) -> tuple[int, int]:
             last = 1
         position += 1
     return largest, inside[0]
+
+
+def repetition_at(text: str, position: int, braces: dict[str, list[int]], skip: str) -> tuple[int, int] | None:
+    """(the position after the {m,n} at `position`, its larger count), or None. Read by hand
+    (a regular expression backtracked on "{" and 16,000 spaces for 9 s) and as leniently as
+    llama.cpp and llama-cpp-python read it; `skip` is what stands for a GBNF comment."""
+    def next_one(char: str) -> int:
+        found = braces[char]
+        after = bisect.bisect_right(found, position)
+        return found[after] if after < len(found) else len(text)
+
+    end = next_one("}")
+    if end == len(text) or next_one("{") < end:  # each "}" is read for one "{" at most
+        return None
+    parts = [part.translate({ord(char): " " for char in skip}) for part in text[position + 1:end].split(",")]
+    counts = [COUNT.match(part) for part in parts]
+    if len(parts) > 2 or not any(counts):
+        return None
+    return end + 1, max(int(count[1].replace("_", "")[:10]) for count in counts if count)
 
 
 def check_grammar(grammar: str, param: str) -> None:
